@@ -1,0 +1,277 @@
+"""Typed run configuration (OmegaConf structured configs).
+
+A run is one YAML file under ``jobs/`` merged onto these dataclasses, plus dotted command-line
+overrides (``train.steps=100 model.stts.prune_ratio=0.8``). Unknown keys and wrong types are
+errors that name the key and the closest valid key; semantic checks (ratios, divisibility)
+happen in :func:`validate`. No resolver is registered and no value is ever evaluated as code.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+PRUNE_METHODS = ("none", "random", "uniform", "temporal_diff", "scorer")
+ATTENTION_BACKENDS = ("auto", "bucketed", "block_diag", "flash_varlen")
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 64          # square frames, pixels
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_dim: int = 512
+    in_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class ConnectorConfig:
+    pool_size: int = 3            # g: one LLM token per g x g patch group
+    pool_heads: int = 4
+    # ViT layers whose outputs are concatenated (negative = from the end, -1 = last block).
+    layers: list[int] = field(default_factory=lambda: [-1])
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 0           # 0: taken from the tokenizer
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 704
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    max_seq_len: int = 8192
+
+
+@dataclass
+class STTSConfig:
+    method: str = "scorer"        # none | random | uniform | temporal_diff | scorer
+    prune_ratio: float = 0.5      # fraction of a video's groups PRUNED (the paper's `topk`)
+    prune_at: int = 1             # score after this ViT block; bias in prune_at+1; drop after it
+    scorer_hidden: int = 256
+    scorer_heads: int = 4
+    aux_loss_weight: float = 0.5  # lambda of the temporal novelty loss
+    detach_aux_target: bool = False
+    key_bias: bool = True         # log-score key bias in block prune_at+1 (LM-gradient path)
+    key_bias_floor: float = -2.0  # scores rescaled per frame to [exp(floor), 1]
+    frame_separators: bool = False
+    attention_backend: str = "auto"
+
+
+@dataclass
+class ModelConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    stts: STTSConfig = field(default_factory=STTSConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"        # digits (generated in memory) | shards | manifest
+    path: str = ""                # shard folder or manifest.jsonl for source=shards|manifest
+    num_frames: int = 8
+    min_frames: int = 0           # >0: videos of random length in [min_frames, num_frames]
+    train_samples: int = 4000
+    eval_samples: int = 256
+    seed: int = 0
+    tasks: list[str] = field(default_factory=lambda: ["count", "last", "direction", "corner"])
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    scorer_lr: float = 1e-3
+    scorer_warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    log_every: int = 10
+    eval_every: int = 0           # 0: evaluate at the end only
+    save_every: int = 0           # 0: save at the end only
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda
+    dtype: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    resume: bool = True
+    progress_bar: bool = True
+    eval_prune_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5])
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_valid_keys(node[k], full + "."))
+    return keys
+
+
+def _closest(key: str, schema: DictConfig) -> str:
+    candidates = _valid_keys(schema)
+    leaf = key.split(".")[-1]
+    best = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not best:
+        best = [c for c in candidates if c.split(".")[-1] in difflib.get_close_matches(
+            leaf, [x.split(".")[-1] for x in candidates], n=1, cutoff=0.6)]
+    return best[0] if best else "(none close; see stts_dist/config.py)"
+
+
+def _wrap(exc: OmegaConfBaseException, schema: DictConfig, where: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
+        return ConfigError(f"{where}: unknown config key '{key}'. Did you mean '{_closest(key, schema)}'?")
+    if isinstance(exc, ValidationError):
+        expected = ""
+        try:
+            expected = f" (expected {type(OmegaConf.select(schema, key)).__name__})"
+        except Exception:
+            pass
+        return ConfigError(f"{where}: wrong type for config key '{key}'{expected}: {str(exc.msg).splitlines()[0]}")
+    return ConfigError(f"{where}: {exc}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                schema_cls: type = RunConfig) -> RunConfig:
+    """Load ``path`` (YAML) onto the structured schema, apply dotted overrides, validate.
+
+    Returns a typed OmegaConf object that behaves like a ``RunConfig``."""
+    schema = OmegaConf.structured(schema_cls)
+    cfg = schema
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}. Pass an existing YAML file, e.g. jobs/default.yaml")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml syntax
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as e:
+            raise _wrap(e, schema, str(p)) from e
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like key=value, e.g. train.steps=100")
+        key, value = ov.split("=", 1)
+        try:
+            parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+            cfg = OmegaConf.merge(cfg, parsed)
+        except OmegaConfBaseException as e:
+            raise _wrap(e, schema, f"override '{ov}'") from e
+    OmegaConf.set_readonly(cfg, False)
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Any) -> None:
+    """Semantic checks that types alone cannot express."""
+    m = cfg.model
+    s = m.stts
+    _check(s.method in PRUNE_METHODS,
+           f"model.stts.method='{s.method}' is not one of {PRUNE_METHODS}")
+    _check(0.0 <= s.prune_ratio < 1.0,
+           f"model.stts.prune_ratio={s.prune_ratio} must be in [0, 1) (it is the fraction pruned)")
+    _check(s.attention_backend in ATTENTION_BACKENDS,
+           f"model.stts.attention_backend='{s.attention_backend}' is not one of {ATTENTION_BACKENDS}")
+    _check(0 <= s.prune_at < m.vit.depth - 1,
+           f"model.stts.prune_at={s.prune_at} must be in [0, model.vit.depth-2={m.vit.depth - 2}]: "
+           "the scorer needs one block after it for the key bias")
+    _check(m.vit.image_size % m.vit.patch_size == 0,
+           f"model.vit.image_size={m.vit.image_size} must be divisible by model.vit.patch_size={m.vit.patch_size}")
+    _check(m.vit.width % m.vit.heads == 0, f"model.vit.width={m.vit.width} must be divisible by model.vit.heads={m.vit.heads}")
+    _check(m.llm.hidden % m.llm.heads == 0, f"model.llm.hidden={m.llm.hidden} must be divisible by model.llm.heads={m.llm.heads}")
+    _check(m.llm.heads % m.llm.kv_heads == 0, f"model.llm.heads={m.llm.heads} must be divisible by model.llm.kv_heads={m.llm.kv_heads}")
+    _check((m.llm.hidden // m.llm.heads) % 2 == 0, "model.llm head dim (hidden/heads) must be even for RoPE")
+    _check(m.vit.width % m.connector.pool_heads == 0,
+           f"model.vit.width={m.vit.width} must be divisible by model.connector.pool_heads={m.connector.pool_heads}")
+    for layer in m.connector.layers:
+        _check(-m.vit.depth <= layer < m.vit.depth,
+               f"model.connector.layers entry {layer} is outside the ViT's {m.vit.depth} blocks")
+    _check(m.connector.pool_size >= 1, "model.connector.pool_size must be >= 1")
+    d = cfg.data
+    _check(d.num_frames >= 1, "data.num_frames must be >= 1")
+    _check(d.min_frames <= d.num_frames, f"data.min_frames={d.min_frames} must be <= data.num_frames={d.num_frames}")
+    # Every video must be able to keep its whole first frame: int(G*r*T) <= G*(T-1).
+    if s.method != "none" and s.prune_ratio > 0 and d.num_frames > 1:
+        T = max(d.min_frames, 2) if d.min_frames else d.num_frames
+        _check(s.prune_ratio <= (T - 1) / T,
+               f"model.stts.prune_ratio={s.prune_ratio} cannot be met with {T}-frame videos while keeping "
+               f"the first frame whole; use prune_ratio <= {(T - 1) / T:.3f} or more frames (data.num_frames)")
+    t = cfg.train
+    _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+    _check(t.steps >= 0, "train.steps must be >= 0")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' must be auto, cpu or cuda")
+    _check(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype='{t.dtype}' must be auto, fp32 or bf16")
+    for r in t.eval_prune_ratios:
+        _check(0.0 <= r < 1.0, f"train.eval_prune_ratios entry {r} must be in [0, 1)")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable hash of the resolved config (checkpoint manifests record it)."""
+    blob = json.dumps(OmegaConf.to_container(cfg, resolve=False), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """``{"model.vit.width": 128, ...}`` for experiment trackers."""
+    out: dict[str, Any] = {}
+
+    def rec(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                rec(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    rec(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
