@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 PRUNE_METHODS = ("none", "random", "uniform", "temporal_diff", "scorer")
-ATTENTION_BACKENDS = ("auto", "bucketed", "block_diag", "flash_varlen")
+ATTENTION_BACKENDS = ("auto", "bucketed", "padded", "block_diag", "flash_varlen")
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,96 @@
+"""From samples to a model batch: frames concatenated, prompts with exactly the reserved number
+of visual placeholders, packed token sequences with answer-only labels.
+
+Prompt layout per sample (``<video>`` repeated for the deterministic visual token count, plus one
+``<frame>`` per frame when separators are on):
+
+    <bos> <user> <video>*n question-words <assistant> | answer-words <eos>
+
+Labels are next-token targets on the answer part only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from stts_dist.stts.budget import llm_visual_tokens
+from stts_dist.stts.layout import FrameLayout
+
+IGNORE = -100
+
+
+@dataclass
+class VideoBatch:
+    frames: torch.Tensor              # (F, 3, H, W) float in [-1, 1]
+    layout: FrameLayout
+    input_ids: torch.Tensor           # (total,) long, packed sequences
+    labels: torch.Tensor              # (total,) long, IGNORE except answer targets
+    positions: torch.Tensor           # (total,) long, restart at 0 per sequence
+    seq_lengths: list[int]            # tokens per sample
+    visual_tokens: list[int]          # visual placeholders (excl. separators) per sample
+    ids: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    prune_ratio: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self.seq_lengths)
+
+    def to(self, device: torch.device) -> "VideoBatch":
+        for name in ("frames", "input_ids", "labels", "positions"):
+            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        return self
+
+
+class SequenceBuilder:
+    """Collates sample dicts ``{"frames": uint8 (T,H,W,3) or None, "question", "answer", "id",
+    "task"}`` into a :class:`VideoBatch` for a given effective prune ratio."""
+
+    def __init__(self, tokenizer: Any, groups_per_frame: int, image_size: int, frame_separators: bool = False):
+        self.tok = tokenizer
+        self.groups = groups_per_frame
+        self.image_size = image_size
+        self.frame_separators = frame_separators
+
+    def __call__(self, samples: Sequence[dict], prune_ratio: float, with_answer: bool = True) -> VideoBatch:
+        frames, lengths, is_video = [], [], []
+        ids, labels, seq_lengths, vis_counts = [], [], [], []
+        for s in samples:
+            fr = s.get("frames")
+            T = 0 if fr is None else int(fr.shape[0])
+            if T:
+                if fr.ndim != 4 or fr.shape[1] != self.image_size or fr.shape[2] != self.image_size or fr.shape[3] != 3:
+                    raise ValueError(f"sample {s.get('id')}: frames have shape {tuple(fr.shape)}, expected "
+                                     f"(T, {self.image_size}, {self.image_size}, 3); re-shard at model.vit.image_size")
+                frames.append(torch.as_tensor(np.ascontiguousarray(fr)))
+            video = T > 1
+            lengths.append(T)
+            is_video.append(video)
+            n_vis = llm_visual_tokens(self.groups, T, prune_ratio, video) if T else 0
+            vis_counts.append(n_vis)
+            span = n_vis + (T if self.frame_separators else 0)
+            prompt = [self.tok.bos_id, self.tok.user_id] + [self.tok.video_id] * span + \
+                self.tok.encode(str(s["question"])) + [self.tok.assistant_id]
+            answer = (self.tok.encode(str(s["answer"])) + [self.tok.eos_id]) if with_answer else []
+            seq = prompt + answer
+            lab = [IGNORE] * len(seq)
+            for i in range(len(prompt) - 1, len(seq) - 1):
+                lab[i] = seq[i + 1]
+            ids.append(seq)
+            labels.append(lab)
+            seq_lengths.append(len(seq))
+        fr = torch.cat(frames) if frames else torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
+        fr = fr.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return VideoBatch(
+            frames=fr, layout=FrameLayout(lengths, is_video),
+            input_ids=torch.tensor([t for seq in ids for t in seq], dtype=torch.long),
+            labels=torch.tensor([t for seq in labels for t in seq], dtype=torch.long),
+            positions=torch.cat([torch.arange(n) for n in seq_lengths]) if seq_lengths else torch.zeros(0, dtype=torch.long),
+            seq_lengths=seq_lengths, visual_tokens=vis_counts,
+            ids=[str(s.get("id", i)) for i, s in enumerate(samples)],
+            tasks=[str(s.get("task", "")) for s in samples],
+            answers=[str(s.get("answer", "")) for s in samples], prune_ratio=prune_ratio)

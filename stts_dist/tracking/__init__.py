@@ -1,0 +1,10 @@
+"""Experiment tracking, plugged into the training loop as callbacks.
+
+Importing this package does not import mlflow (slow); the MLflow callback imports it when a
+run starts on rank 0.
+"""
+from stts_dist.tracking.callback import RUN_STATUSES, Callback, TrainerView
+from stts_dist.tracking.mlflow_callback import RUN_ID_STATE_KEY, MLflowCallback, TrackingConfig, validate_tracking
+
+__all__ = ["Callback", "TrainerView", "RUN_STATUSES", "MLflowCallback", "TrackingConfig", "RUN_ID_STATE_KEY",
+           "validate_tracking"]

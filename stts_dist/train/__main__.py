@@ -1,0 +1,5 @@
+import sys
+
+from stts_dist.train.cli import main
+
+sys.exit(main())

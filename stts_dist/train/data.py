@@ -1,0 +1,97 @@
+"""Training/eval sample sources and an exactly resumable epoch sampler.
+
+The order of samples in epoch ``e`` is a seeded permutation of the dataset; the sampler's state
+is just (epoch, position), so a resumed run continues with exactly the samples the uninterrupted
+run would have consumed, without replaying or decoding skipped batches.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from stts_dist.data.digits import make_sample
+
+
+class DigitsDataset(Dataset):
+    """The moving-digits QA videos, generated on demand (deterministic in (seed, index, split))."""
+
+    def __init__(self, size: int, seed: int, num_frames: int, image_size: int, tasks: Sequence[str],
+                 split: str = "train", min_frames: int = 0):
+        self.size, self.seed, self.num_frames, self.image_size = size, seed, num_frames, image_size
+        self.tasks, self.split, self.min_frames = list(tasks), split, min_frames
+
+    def __len__(self) -> int:
+        return self.size
+
+    def frames_for(self, index: int) -> int:
+        if not self.min_frames or self.min_frames >= self.num_frames:
+            return self.num_frames
+        rng = np.random.default_rng([self.seed, index, 7])
+        return int(rng.integers(self.min_frames, self.num_frames + 1))
+
+    def __getitem__(self, index: int) -> dict:
+        return make_sample(index, self.seed, self.frames_for(index), self.image_size, self.tasks, self.split)
+
+
+class EpochSampler:
+    """Yields batches of indices: epoch ``e`` = permutation(seed, e); state = (epoch, position)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < batch_size:
+            raise ValueError(f"dataset has {size} samples, fewer than one batch of {batch_size}")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def next_batch(self) -> list[int]:
+        if self.position + self.batch_size > self.size:   # drop the ragged tail: equal batches
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        out = order[self.position:self.position + self.batch_size].tolist()
+        self.position += self.batch_size
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != self.size or state["seed"] != self.seed:
+            raise ValueError(f"sampler state is for a dataset of {state['size']} samples / seed {state['seed']}, "
+                             f"this run has {self.size} / {self.seed}; resume with the same data config")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class _BatchIterable(torch.utils.data.IterableDataset):
+    """Worker-side batch assembly: the main process hands out index lists; workers generate and
+    collate, so no decoding/generation happens in the training loop."""
+
+    def __init__(self, dataset: Dataset, index_batches: list[list[int]], collate):
+        self.dataset, self.index_batches, self.collate = dataset, index_batches, collate
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for i, idx in enumerate(self.index_batches):
+            if i % nw == wid:
+                yield self.collate([self.dataset[j] for j in idx])
+
+
+def prefetching_batches(dataset: Dataset, index_batches: list[list[int]], collate, num_workers: int):
+    """Iterates collated batches for ``index_batches`` in order, built in ``num_workers`` worker
+    processes (0 = in this process)."""
+    if num_workers <= 0:
+        for idx in index_batches:
+            yield collate([dataset[j] for j in idx])
+        return
+    loader = torch.utils.data.DataLoader(_BatchIterable(dataset, index_batches, collate), batch_size=None,
+                                         num_workers=num_workers, prefetch_factor=2, persistent_workers=False)
+    yield from loader

@@ -1,0 +1,260 @@
+"""The training loop. Cross-cutting concerns (logging, tracking) are callbacks; the model,
+optimizer and any parallel engine live in a "train module" (``LocalTrainModule`` here; the
+distributed one in ``stts_dist.distributed``)."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from stts_dist.config import config_hash, to_yaml
+from stts_dist.data.batch import SequenceBuilder
+from stts_dist.evaluation import evaluate
+from stts_dist.model.vlm import VideoVLM, build_model
+from stts_dist.tokenizer import default_tokenizer
+from stts_dist.train import checkpoint as ckpt
+from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
+from stts_dist.train.optim import build_optimizer, set_learning_rates
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+class LocalTrainModule:
+    """Single-process model + AdamW: forward, backward, clip, step."""
+
+    def __init__(self, model: VideoVLM, cfg, device: torch.device):
+        self.model = model.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
+            device.type == "cuda" and cfg.train.dtype in ("auto", "bf16")) else None
+
+    def train_step(self, batch, step: int, generator: torch.Generator) -> dict[str, float]:
+        lrs = set_learning_rates(self.optimizer, step, self.cfg.train.steps, self.cfg.optim)
+        self.model.train()
+        if self.autocast:
+            with self.autocast:
+                out = self.model(batch, generator=generator)
+        else:
+            out = self.model(batch, generator=generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        m = {"loss": float(out.loss.detach()), "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss),
+             "grad_norm": float(gnorm), "lr": lrs.get("main", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
+        m.update(out.metrics)
+        return m
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class ConsoleLogger:
+    """Prints metrics every ``log_every`` steps (rank 0)."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+
+    def on_train_start(self, trainer) -> None:
+        n = sum(p.numel() for p in trainer.model.parameters())
+        trainer.log(f"[train] {trainer.cfg.name}: {n / 1e6:.2f}M parameters, method={trainer.cfg.model.stts.method} "
+                    f"prune_ratio={trainer.cfg.model.stts.prune_ratio}, steps {trainer.step}->{trainer.cfg.train.steps}")
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        if (step + 1) % self.every == 0 or step == 0:
+            keys = ["loss", "aux_loss", "lr", "vit_tokens_before", "vit_tokens_after", "llm_visual_tokens",
+                    "step_time", "samples_per_s", "tokens_per_s"]
+            trainer.log(f"[step {step + 1}] " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
+
+    def on_eval_end(self, trainer, step: int, metrics: dict) -> None:
+        trainer.log(f"[eval @ {step}] " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
+                                                    if isinstance(v, float)))
+
+    def on_checkpoint(self, trainer, step: int, path: str) -> None:
+        trainer.log(f"[checkpoint] step {step} -> {path}")
+
+    def on_artifact(self, trainer, path: str, artifact_dir: Optional[str] = None) -> None:
+        pass
+
+    def on_train_end(self, trainer, status: str) -> None:
+        trainer.log(f"[train] {status} at step {trainer.step}")
+
+
+class Trainer:
+    def __init__(self, cfg, callbacks: Optional[list] = None, module: Any = None, launch_method: str = "local"):
+        self.cfg = cfg
+        self.launch_method = launch_method
+        self.is_rank0 = True
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer = default_tokenizer()
+        self.module = module or LocalTrainModule(build_model(cfg.model, self.tokenizer), cfg, self.device)
+        self.model: VideoVLM = self.module.model
+        m = cfg.model
+        self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size, m.stts.frame_separators)
+        d = cfg.data
+        if d.source != "digits":
+            raise NotImplementedError(f"data.source={d.source!r}: only the built-in 'digits' source is wired into "
+                                      "the single-process trainer so far")
+        self.train_set = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train", d.min_frames)
+        self.eval_set = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval", d.min_frames)
+        self.sampler = EpochSampler(len(self.train_set), cfg.train.batch_size, d.seed)
+        self.callbacks = callbacks if callbacks is not None else [ConsoleLogger(cfg.train.log_every)]
+        self.step = 0
+        self.state: dict = {}
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.history: list[dict] = []
+        self._saved_step: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.is_rank0:
+            print(msg, flush=True)
+
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def _world(self) -> dict:
+        return {"world_size": 1, "tensor_parallel": 1}
+
+    def save(self) -> Path:
+        state = {"module": self.module.state_dict(), "sampler": self.sampler.state_dict(), "step": self.step,
+                 "rng": ckpt.rng_state(), "trainer_state": dict(self.state)}
+
+        def write(tmp: Path) -> None:
+            ckpt.save_torch(state, tmp / "state.pt")
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            (tmp / "tokenizer.json").write_text(self.tokenizer.to_json())
+
+        self._saved_step = self.step
+        path = ckpt.write_checkpoint(self.ckpt_root, self.step, write,
+                                     {"config_hash": config_hash(self.cfg), "world": self._world()})
+        self._emit("on_checkpoint", self.step, str(path))
+        return path
+
+    def maybe_resume(self) -> bool:
+        if not self.cfg.train.resume:
+            return False
+        found = ckpt.find_resumable(self.ckpt_root, self.log)
+        if found is None:
+            return False
+        path, manifest = found
+        ckpt.check_layout(manifest, self._world())
+        state = ckpt.load_torch(path / "state.pt")
+        self.module.load_state_dict(state["module"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.state = dict(state.get("trainer_state", {}))
+        ckpt.set_rng_state(state["rng"])
+        self._saved_step = self.step
+        self.log(f"[resume] from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self, methods_ratios: Optional[list[tuple[str, float]]] = None) -> dict[str, float]:
+        s = self.cfg.model.stts
+        if methods_ratios is None:
+            methods_ratios = [("none" if r == 0 else s.method, r) for r in self.cfg.train.eval_prune_ratios]
+        samples = [self.eval_set[i] for i in range(len(self.eval_set))]
+        out: dict[str, float] = {}
+        for method, ratio in methods_ratios:
+            res = evaluate(self.model, self.tokenizer, samples, method, ratio, device=self.device,
+                           frame_separators=s.frame_separators, seed=self.cfg.data.seed)
+            tag = f"{method}@{ratio:g}"
+            for k, v in res.items():
+                if k != "n":
+                    out[f"eval/{tag}/{k}"] = float(v)
+        self._emit("on_eval_end", self.step, out)
+        return out
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        self._emit("on_train_start")
+        total = cfg.train.steps
+        # Index batches for the remaining steps, with the sampler state after each one, so the
+        # workers can prefetch ahead while checkpoints still record the exact position.
+        start_state = self.sampler.state_dict()
+        plan = []
+        for _ in range(self.step, total):
+            idx = self.sampler.next_batch()
+            plan.append((idx, self.sampler.state_dict()))
+        self.sampler.load_state_dict(start_state)
+        ratio = 0.0 if cfg.model.stts.method == "none" else cfg.model.stts.prune_ratio
+        collate = _Collate(self.builder, ratio)
+        batches = prefetching_batches(self.train_set, [p[0] for p in plan], collate, cfg.data.num_workers)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + self.step)
+        status = "FAILED"
+        last_eval: dict[str, float] = {}
+        try:
+            bar = _progress(cfg.train.progress_bar and self.is_rank0, self.step, total)
+            for (idx, sampler_state), batch in zip(plan, batches):
+                t0 = time.perf_counter()
+                batch = batch.to(self.device)
+                metrics = self.module.train_step(batch, self.step, gen)
+                dt = time.perf_counter() - t0
+                self.sampler.load_state_dict(sampler_state)
+                metrics.update(step_time=dt, samples_per_s=batch.size / dt,
+                               tokens_per_s=(metrics["vit_tokens_after"] + metrics["llm_tokens"]) * batch.size / dt)
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}; lower optim.lr or check the data")
+                self.history.append({"step": self.step, **metrics})
+                self._emit("on_step_end", self.step, metrics)
+                self.step += 1
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['llm_visual_tokens']:.0f}")
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < total:
+                    self.save()
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
+                    last_eval = self.evaluate()
+            if bar:
+                bar.close()
+            if total > 0 and self._saved_step != self.step:
+                self.save()
+            last_eval = self.evaluate()
+            status = "FINISHED"
+            return last_eval
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self._emit("on_train_end", status)
+
+
+class _Collate:
+    """Picklable collate for loader workers."""
+
+    def __init__(self, builder: SequenceBuilder, ratio: float):
+        self.builder, self.ratio = builder, ratio
+
+    def __call__(self, samples):
+        return self.builder(samples, self.ratio)
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=2.0)
