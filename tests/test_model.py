@@ -1,0 +1,121 @@
+"""The assembled model: gradient path, token accounting, overfitting, batches of mixed lengths."""
+import pytest
+import torch
+
+from stts_dist.data.batch import SequenceBuilder
+from stts_dist.data.digits import make_sample
+from stts_dist.model.generate import generate
+from stts_dist.model.vlm import VisualTokenMismatch, build_model
+from stts_dist.stts.budget import llm_visual_tokens
+from stts_dist.tokenizer import default_tokenizer
+
+
+def _setup(cfg, frames=(4, 4)):
+    torch.manual_seed(0)
+    tok = default_tokenizer()
+    model = build_model(cfg.model, tok)
+    builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size)
+    samples = [make_sample(i, 0, t, cfg.model.vit.image_size) for i, t in enumerate(frames)]
+    return tok, model, builder, samples
+
+
+def test_lm_loss_reaches_scorer_through_key_bias(tiny_cfg):
+    tok, model, builder, samples = _setup(tiny_cfg)
+    out = model(builder(samples, 0.5), aux_weight=0.0)        # LM loss only
+    out.loss.backward()
+    grads = [p.grad for p in model.scorer.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_no_gradient_path_without_key_bias(tiny_cfg):
+    tiny_cfg.model.stts.key_bias = False
+    tok, model, builder, samples = _setup(tiny_cfg)
+    model(builder(samples, 0.5), aux_weight=0.0).loss.backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.scorer.parameters())
+
+
+def test_visual_token_count_matches_formula_and_placeholders(tiny_cfg):
+    tok, model, builder, samples = _setup(tiny_cfg, frames=(4, 3, 1))
+    batch = builder(samples, 0.5)
+    G = model.groups_per_frame
+    assert batch.visual_tokens == [llm_visual_tokens(G, 4, 0.5), llm_visual_tokens(G, 3, 0.5), G]
+    out = model(batch)
+    assert out.vit.keep.sum() == sum(batch.visual_tokens)
+    per_sample = [int((batch.input_ids[s:s + n] == tok.video_id).sum())
+                  for s, n in zip(torch.tensor([0] + batch.seq_lengths).cumsum(0).tolist(), batch.seq_lengths)]
+    assert per_sample == batch.visual_tokens
+
+
+def test_mismatched_placeholders_raise_clear_error(tiny_cfg):
+    tok, model, builder, samples = _setup(tiny_cfg)
+    batch = builder(samples, 0.25)                               # reserved for another ratio
+    with pytest.raises(VisualTokenMismatch, match="prune_ratio"):
+        model(batch, prune_ratio=0.5)
+    batch = builder(samples, 0.5)
+    batch.input_ids[batch.input_ids == tok.video_id] = tok.unk_id   # corrupt the prompt
+    with pytest.raises(VisualTokenMismatch, match="placeholders"):
+        model(batch)
+
+
+def test_frame_separators(tiny_cfg):
+    tiny_cfg.model.stts.frame_separators = True
+    tok, model, _, samples = _setup(tiny_cfg)
+    builder = SequenceBuilder(tok, model.groups_per_frame, 32, frame_separators=True)
+    out = model(builder(samples, 0.5))
+    assert torch.isfinite(out.loss)
+
+
+def test_text_only_batch_runs_the_same_modules(tiny_cfg):
+    tok, model, builder, _ = _setup(tiny_cfg)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a, n=n: calls.append(n)) for n, m in
+             [("vit", model.vit.blocks[0]), ("scorer", model.scorer), ("connector", model.connector)]]
+    model(builder([{"frames": None, "question": "how many digits are shown ?", "answer": "2"}], 0.5)).loss.backward()
+    assert calls == ["vit", "scorer", "connector"]
+    assert all(p.grad is not None for p in model.vit.parameters())          # graph reaches the ViT (with zeros)
+    for h in hooks:
+        h.remove()
+
+
+@pytest.mark.parametrize("method", ["scorer", "random"])
+def test_overfits_a_tiny_batch_with_pruning(tiny_cfg, method):
+    tok, model, builder, _ = _setup(tiny_cfg)
+    samples = [make_sample(i, 0, 4, 32) for i in range(6)]
+    batch = builder(samples, 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        gen = torch.Generator().manual_seed(0)
+        out = model(batch, method=method, generator=gen)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert float(out.lm_loss) < 0.05
+    gen = torch.Generator().manual_seed(0)
+    outs, info = generate(model, builder(samples, 0.5, with_answer=False), tok.eos_id, method=method, generator=gen)
+    assert [tok.decode(o) for o in outs] == [s["answer"] for s in samples]
+    assert info["llm_visual_tokens"] == [llm_visual_tokens(model.groups_per_frame, 4, 0.5)] * 6
+
+
+def test_generate_with_cache_equals_full_recompute(tiny_cfg):
+    tok, model, builder, samples = _setup(tiny_cfg, frames=(4, 3))
+    model.eval()
+    batch = builder(samples, 0.5, with_answer=False)
+    outs, _ = generate(model, batch, eos_id=-1, max_new_tokens=3)            # never stops early
+    # recompute greedily without a cache by re-running the packed forward on the growing prompt
+    for i, s in enumerate(samples):
+        single = builder([s], 0.5, with_answer=False)
+        ids = single.input_ids.clone()
+        for t in range(3):
+            b = builder([s], 0.5, with_answer=False)
+            b.input_ids = ids
+            b.seq_lengths = [len(ids)]
+            b.positions = torch.arange(len(ids))
+            b.labels = torch.full_like(ids, -100)
+            visual, res, _ = model.encode_visual(b.frames, b.layout, model.prune_settings())
+            emb = model.merge_visual(b, model.llm.embed_tokens(ids), visual, res.keep)
+            from stts_dist.model.attention import VarlenPlan
+            h = model.llm.forward_hidden(emb, b.positions, VarlenPlan.build([len(ids)], emb.device, True))
+            nxt = int(model.llm.logits(h[-1:]).argmax(-1))
+            assert nxt == outs[i][t]
+            ids = torch.cat([ids, torch.tensor([nxt])])
