@@ -205,7 +205,7 @@ class MLflowCallback(Callback):
         check_status(status)
         if not self.active:
             return
-        if False:  # the last step, when it was not a multiple of log_every
+        if self._pending is not None:  # the last step, when it was not a multiple of log_every
             step, metrics = self._pending
             self._pending = None
             self._call("log final step metrics", self._log_metrics, step, metrics, "")

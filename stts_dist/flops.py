@@ -1,0 +1,61 @@
+"""Analytic forward FLOPs of the model (multiply-add = 2 FLOPs), from token counts.
+
+Used by the benchmark (FLOP-ideal speed-up), the memory/FLOP estimator and the balancer's cost
+model, so all three agree on what a token costs. Training ~ 3x forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass
+class FlopBreakdown:
+    vit_before: float = 0.0       # patch embed + blocks 0..prune_at+1 (full frames)
+    vit_after: float = 0.0        # blocks prune_at+2.. on kept tokens
+    scorer: float = 0.0
+    connector: float = 0.0
+    llm: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.vit_before + self.vit_after + self.scorer + self.connector + self.llm
+
+
+def vit_block_flops(n: int, width: int, mlp: int) -> float:
+    """One pre-norm block on one frame of n tokens."""
+    linear = 2 * n * (4 * width * width + 2 * width * mlp)
+    attn = 2 * 2 * n * n * width
+    return linear + attn
+
+
+def llm_layer_flops(L: int, hidden: int, heads: int, kv_heads: int, ffn: int, causal: bool = True) -> float:
+    """One decoder layer on one sequence of L tokens."""
+    hd = hidden // heads
+    linear = 2 * L * (hidden * hd * (heads + 2 * kv_heads) + heads * hd * hidden + 3 * hidden * ffn)
+    attn = 2 * 2 * L * L * hidden * (0.5 if causal else 1.0)
+    return linear + attn
+
+
+def model_forward_flops(model_cfg, frames_kept_patches: Sequence[Sequence[int]], llm_lengths: Sequence[int],
+                        kept_groups: int) -> FlopBreakdown:
+    """frames_kept_patches: per video, kept patches of each frame after the prune point;
+    llm_lengths: LLM sequence lengths; kept_groups: total groups reaching the connector."""
+    v, c, l, s = model_cfg.vit, model_cfg.connector, model_cfg.llm, model_cfg.stts
+    n = (v.image_size // v.patch_size) ** 2
+    num_frames = sum(len(f) for f in frames_kept_patches)
+    out = FlopBreakdown()
+    out.vit_before = num_frames * (2 * n * v.in_channels * v.patch_size ** 2 * v.width
+                                   + (s.prune_at + 2) * vit_block_flops(n, v.width, v.mlp_dim))
+    after_blocks = v.depth - (s.prune_at + 2)
+    out.vit_after = sum(after_blocks * vit_block_flops(k, v.width, v.mlp_dim) for f in frames_kept_patches for k in f)
+    g2 = c.pool_size ** 2
+    groups = -(-(v.image_size // v.patch_size) // c.pool_size) ** 2
+    if s.method == "scorer":
+        # pooling (kv proj on all patches, q/out per group) + 3-layer MLP per group
+        out.scorer = num_frames * (2 * n * 2 * v.width * v.width + groups * 2 * (
+            2 * v.width * v.width + 2 * v.width * s.scorer_hidden + s.scorer_hidden ** 2 + s.scorer_hidden))
+    dim = v.width * len(c.layers)
+    out.connector = kept_groups * 2 * (g2 * 2 * dim * dim + 2 * dim * dim + dim * l.hidden + l.hidden * l.hidden)
+    out.llm = sum(l.layers * llm_layer_flops(L, l.hidden, l.heads, l.kv_heads, l.ffn) for L in llm_lengths)
+    return out

@@ -1,0 +1,163 @@
+"""STTS speed benchmark: pruned (r=0.5) vs unpruned, side by side in one run.
+
+Times full training steps (forward + backward + AdamW) and inference prefill of the SAME model
+at prune ratio 0.5 and with no pruning, interleaved (A/B/B/A ...) over several repeats, and
+reports medians; also the analytical FLOP-ideal speed-up and the same three numbers at twice the
+frames; and the overhead of scoring + selection + packing as a fraction of a pruned step.
+
+    .venv/bin/python tools/bench_stts.py --config jobs/bench_cpu.yaml [--repeats 5] [key=value ...]
+
+The last line is one JSON object. glibc's allocator page-faults on every use of tensors > 32 MB,
+which slows the unpruned model most and inflates speed-ups beyond the FLOP ideal; the script
+re-executes itself with MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_ set to avoid that trap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+if os.environ.get("MALLOC_MMAP_MAX_") != "0":
+    os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+
+from stts_dist.config import load_config  # noqa: E402
+from stts_dist.data.batch import SequenceBuilder  # noqa: E402
+from stts_dist.data.digits import make_sample  # noqa: E402
+from stts_dist.flops import model_forward_flops  # noqa: E402
+from stts_dist.model.connector import ungroup_mask  # noqa: E402
+from stts_dist.model.vlm import build_model  # noqa: E402
+from stts_dist.stts.packing import gather_packed, pack_kept_tokens, scatter_packed  # noqa: E402
+from stts_dist.stts.scorer import group_features, temporal_novelty_loss, key_bias_from_scores  # noqa: E402
+from stts_dist.stts.selection import select_groups  # noqa: E402
+from stts_dist.tokenizer import default_tokenizer  # noqa: E402
+
+
+def flop_ratio(cfg, model, batch_none, batch_pruned, out_pruned) -> float:
+    v = cfg.model.vit
+    n = (v.image_size // v.patch_size) ** 2
+    full = [[n] * T for T in batch_none.layout.lengths]
+    patch_keep = ungroup_mask(out_pruned.vit.keep, model.vit.grid, cfg.model.connector.pool_size).sum(1).tolist()
+    kept, i = [], 0
+    for T in batch_pruned.layout.lengths:
+        kept.append(patch_keep[i:i + T])
+        i += T
+    cfg_none = cfg.copy()
+    cfg_none.model.stts.method = "none"
+    f0 = model_forward_flops(cfg_none.model, full, batch_none.seq_lengths, sum(len(f) for f in full) * model.groups_per_frame)
+    f1 = model_forward_flops(cfg.model, kept, batch_pruned.seq_lengths, int(out_pruned.vit.keep.sum()))
+    return f0.total / f1.total
+
+
+def time_call(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
+    torch.manual_seed(0)
+    tok = default_tokenizer()
+    cfg.data.num_frames = frames
+    model = build_model(cfg.model, tok)
+    builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size)
+    samples = [make_sample(i, 0, frames, cfg.model.vit.image_size) for i in range(cfg.train.batch_size)]
+    r = cfg.model.stts.prune_ratio
+    b_none, b_pruned = builder(samples, 0.0), builder(samples, r)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+
+    def train(method, batch):
+        out = model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return out
+
+    @torch.no_grad()
+    def infer(method, batch):
+        return model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
+
+    # warm-up both paths (allocator, kernels)
+    out_pruned = train("scorer", b_pruned)
+    train("none", b_none)
+    infer("scorer", b_pruned)
+    infer("none", b_none)
+    times = {k: [] for k in ("train_none", "train_pruned", "infer_none", "infer_pruned")}
+    for rep in range(repeats):
+        order = [("none", b_none), ("scorer", b_pruned)]
+        if rep % 2:
+            order.reverse()
+        for method, batch in order:
+            key = "none" if method == "none" else "pruned"
+            times[f"train_{key}"].append(time_call(lambda: train(method, batch)))
+        for method, batch in order:
+            key = "none" if method == "none" else "pruned"
+            times[f"infer_{key}"].append(time_call(lambda: infer(method, batch)))
+        log(f"  T={frames} rep {rep}: " + " ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    # overhead of scorer + selection + key bias + packing, timed on the same tensors
+    with torch.no_grad():
+        x = model.vit.blocks[0](model.vit.embed(b_pruned.frames))
+    x.requires_grad_(True)
+    grid, g = model.vit.grid, cfg.model.connector.pool_size
+    layout = b_pruned.layout
+
+    def overhead():
+        scores = model.scorer(x, grid, layout)
+        aux = temporal_novelty_loss(scores, group_features(x, grid, g), layout)
+        keep = select_groups("scorer", layout, model.groups_per_frame, r, scores=scores)
+        bias = key_bias_from_scores(scores, grid, g, layout, -2.0)
+        packed = pack_kept_tokens(ungroup_mask(keep, grid, g))
+        y = scatter_packed(gather_packed(x, packed), packed)
+        (aux + bias.sum() * 1e-6 + y.sum() * 1e-6).backward()
+
+    overhead()
+    ov = statistics.median(time_call(overhead) for _ in range(max(3, repeats)))
+    return {
+        "frames": frames,
+        "train_speedup": med["train_none"] / med["train_pruned"],
+        "infer_speedup": med["infer_none"] / med["infer_pruned"],
+        "flop_ideal_speedup": flop_ratio(cfg, model, b_none, b_pruned, out_pruned),
+        "train_step_s_unpruned": med["train_none"], "train_step_s_pruned": med["train_pruned"],
+        "prefill_s_unpruned": med["infer_none"], "prefill_s_pruned": med["infer_pruned"],
+        "stts_overhead_fraction": ov / med["train_pruned"],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="jobs/bench_cpu.yaml")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    log(f"torch threads={torch.get_num_threads()} device=cpu config={args.config}")
+    base = cfg.data.num_frames
+    r1 = bench_frames(cfg.copy(), base, args.repeats, log)
+    r2 = bench_frames(cfg.copy(), base * 2, args.repeats, log)
+    result = dict(r1)
+    for k in ("train_speedup", "infer_speedup", "flop_ideal_speedup", "stts_overhead_fraction",
+              "train_step_s_unpruned", "train_step_s_pruned", "prefill_s_unpruned", "prefill_s_pruned"):
+        result[f"{k}_2x"] = r2[k]
+    result["frames_2x"] = r2["frames"]
+    result["prune_ratio"] = cfg.model.stts.prune_ratio
+    result["repeats"] = args.repeats
+    result = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+    print(f"T={r1['frames']}: train {r1['train_speedup']:.2f}x infer {r1['infer_speedup']:.2f}x "
+          f"(FLOP ideal {r1['flop_ideal_speedup']:.2f}x), STTS overhead {100 * r1['stts_overhead_fraction']:.1f}% of a step")
+    print(f"T={r2['frames']}: train {r2['train_speedup']:.2f}x infer {r2['infer_speedup']:.2f}x "
+          f"(FLOP ideal {r2['flop_ideal_speedup']:.2f}x)")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
