@@ -127,12 +127,48 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # "auto": DeepSpeed when launched with WORLD_SIZE > 1 (torchrun/srun/Ray), else single-process.
+    engine: str = "auto"          # auto | local | deepspeed
+    tensor_parallel: int = 1      # megatron-core TP degree; data parallel = world / TP
+    zero_stage: int = 3           # DeepSpeed ZeRO stage 1 | 2 | 3
+    backend: str = "auto"         # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 60           # collective timeout: a dead rank cannot hang the others longer
+    grad_accum_steps: int = 1
+    stage3_param_persistence_threshold: int = 10000
+
+
+@dataclass
+class TrackingConfig:
+    """``cfg.tracking``: where and how often to record the run (MLflow)."""
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlruns.db"   # or http(s)://host:port of an `mlflow server`
+    # Artifact folder for experiments created on a local store. Ignored for an http(s) server
+    # unless it is a URI (s3://...): the server then stores artifacts itself.
+    artifact_location: str = "mlartifacts"
+    experiment: str = "stts-dist"
+    run_name: str = ""                           # "" -> cfg.name
+    log_every: int = 10                          # log step metrics every N steps (and the last)
+    visualize_every: int = 0                     # log a kept-token picture every N steps (0 = off)
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate faults for drills and tests (never set in real runs)."""
+    fail_at_step: int = -1        # raise at this step ...
+    fail_rank: int = -1           # ... on this global rank (-1: every rank)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +286,23 @@ def validate(cfg: Any) -> None:
     _check(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype='{t.dtype}' must be auto, fp32 or bf16")
     for r in t.eval_prune_ratios:
         _check(0.0 <= r < 1.0, f"train.eval_prune_ratios entry {r} must be in [0, 1)")
+    par = cfg.parallel
+    _check(par.engine in ("auto", "local", "deepspeed"), f"parallel.engine='{par.engine}' must be auto, local or deepspeed")
+    _check(par.tensor_parallel >= 1, "parallel.tensor_parallel must be >= 1")
+    _check(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
+    _check(par.backend in ("auto", "nccl", "gloo"), f"parallel.backend='{par.backend}' must be auto, nccl or gloo")
+    _check(par.timeout_s > 0, "parallel.timeout_s must be > 0")
+    _check(par.grad_accum_steps >= 1, "parallel.grad_accum_steps must be >= 1")
+    tp = par.tensor_parallel
+    for what, n in (("model.llm.heads", m.llm.heads), ("model.llm.kv_heads", m.llm.kv_heads),
+                    ("model.vit.heads", m.vit.heads), ("model.llm.ffn", m.llm.ffn), ("model.vit.mlp_dim", m.vit.mlp_dim)):
+        _check(n % tp == 0, f"{what}={n} must be divisible by parallel.tensor_parallel={tp}")
+    tr = cfg.tracking
+    _check(tr.log_every >= 1, f"tracking.log_every={tr.log_every} must be >= 1")
+    if tr.enabled:
+        _check(bool(str(tr.tracking_uri).strip()), "tracking.tracking_uri is empty; use e.g. sqlite:///mlruns.db "
+               "or http://127.0.0.1:5000, or set tracking.enabled=false")
+        _check(bool(str(tr.experiment).strip()), "tracking.experiment is empty; name the MLflow experiment")
 
 
 def to_yaml(cfg: Any) -> str:

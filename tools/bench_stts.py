@@ -104,7 +104,7 @@ def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
 
     # overhead of scorer + selection + key bias + packing, timed on the same tensors
     with torch.no_grad():
-        x = model.vit.blocks[0](model.vit.embed(b_pruned.frames))
+        x = model.vit.blocks[0](model.vit(b_pruned.frames))
     x.requires_grad_(True)
     grid, g = model.vit.grid, cfg.model.connector.pool_size
     layout = b_pruned.layout

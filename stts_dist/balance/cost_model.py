@@ -136,6 +136,17 @@ class SampleTable:
         return cls(**cols)
 
     @classmethod
+    def from_index(cls, dataset_index: Any) -> "SampleTable":
+        """From any object with per-sample arrays ``frames, patches_per_frame, groups_per_frame,
+        llm_visual_tokens, text_tokens, is_video`` (e.g. ``data_pipeline.dataset_index.DatasetIndex``);
+        sample ``i`` gets index ``i``."""
+        missing = [f for f in _FIELDS[1:-1] if not hasattr(dataset_index, f)]
+        if missing:
+            raise TypeError(f"SampleTable.from_index: {type(dataset_index).__name__} lacks {missing}")
+        cols = {f: getattr(dataset_index, f) for f in _FIELDS[1:-1]}
+        return cls(index=np.arange(len(cols["frames"])), **cols)
+
+    @classmethod
     def coerce(cls, samples: "SampleTable | Sequence[SampleMeta]") -> "SampleTable":
         return samples if isinstance(samples, SampleTable) else cls.from_metas(samples)
 

@@ -26,8 +26,10 @@ computes a bit-identical plan whatever its summation order.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -114,6 +116,25 @@ def quantize_costs(costs: np.ndarray) -> np.ndarray:
     return np.maximum(np.rint(costs * (_QUANT / top)), 1).astype(np.int64)
 
 
+def _argsort_int(values: np.ndarray, descending: bool = False) -> np.ndarray:
+    """Stable argsort of non-negative int64 values, fast and identical on every machine.
+
+    Packs ``(value, position)`` into one unique int64 key so a plain (SIMD, unstable) sort
+    gives the stable order — unstable sorts may order ties differently on different CPUs,
+    which would give ranks different plans. Falls back to a stable sort when it cannot pack."""
+    values = np.asarray(values, dtype=np.int64)
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    bits = max(int(n - 1).bit_length(), 1)
+    top = int(values.max())
+    if values.min() < 0 or top >= (1 << (62 - bits)):
+        return np.argsort(-values if descending else values, kind="stable")
+    v = (top - values) if descending else values
+    keys = np.sort((v << bits) | np.arange(n, dtype=np.int64))
+    return keys & ((1 << bits) - 1)
+
+
 def karmarkar_karp_equal(costs: np.ndarray, k: int) -> np.ndarray:
     """k-way largest differencing with equal counts; returns bin per item, shape ``(n,)``.
 
@@ -128,7 +149,7 @@ def karmarkar_karp_equal(costs: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"k={k} partitions must be >= 1")
     if n == 0:
         return np.zeros(0, np.int64)
-    order = np.argsort(-costs, kind="stable")
+    order = _argsort_int(costs, descending=True)
     pad = (-n) % k
     vals = np.concatenate([costs[order], np.zeros(pad, np.int64)])
     ids = np.concatenate([order, np.full(pad, -1, np.int64)])
@@ -146,7 +167,7 @@ def karmarkar_karp_equal(costs: np.ndarray, k: int) -> np.ndarray:
         _, _, vb, mb = heapq.heappop(heap)
         v = va + vb[::-1]
         m = np.concatenate([ma, mb[::-1]], axis=1)
-        o = np.argsort(v, kind="stable")
+        o = _argsort_int(v)
         v, m = v[o], m[o]
         heapq.heappush(heap, (-int(v[-1] - v[0]), counter, v, m))
         counter += 1
@@ -169,7 +190,7 @@ def greedy_lpt(costs: np.ndarray, k: int) -> np.ndarray:
     n = len(costs)
     if k < 1:
         raise ValueError(f"k={k} partitions must be >= 1")
-    order = np.argsort(-costs, kind="stable")
+    order = _argsort_int(costs, descending=True)
     x = costs[order]
     bin_sorted = np.empty(n, np.int64)
     loads, bins = np.zeros(k, np.int64), np.arange(k, dtype=np.int64)   # ascending loads
@@ -182,7 +203,7 @@ def greedy_lpt(costs: np.ndarray, k: int) -> np.ndarray:
         b = m if still_lightest.all() else int(np.argmin(still_lightest)) + 1
         bin_sorted[pos:pos + b] = bins[:b]
         loads[:b] += xs[:b]
-        o = np.argsort(loads, kind="stable")
+        o = _argsort_int(loads)
         loads, bins = loads[o], bins[o]
         pos += b
     bin_of = np.empty(n, np.int64)
@@ -295,7 +316,7 @@ def refine_pairs(bin_of: np.ndarray, costs: np.ndarray, k: int, sizes: Optional[
         capacities = np.zeros(0, np.int64)
     caps = np.asarray(capacities, dtype=np.int64).tolist()
     size_cols = [np.ascontiguousarray(sizes[:, d], dtype=np.int64) for d in range(sizes.shape[1])]
-    by_cost = np.argsort(costs, kind="stable")
+    by_cost = _argsort_int(costs)
     best_path = None
     for _ in range(rounds):
         placed = bin_of >= 0
@@ -308,10 +329,10 @@ def refine_pairs(bin_of: np.ndarray, costs: np.ndarray, k: int, sizes: Optional[
         counts = np.bincount(bin_of[placed], minlength=k)
         used = [_bin_sums(bin_of, col, k) for col in size_cols]
         if block is None:
-            order = np.argsort(loads, kind="stable")
+            order = _argsort_int(loads)
             light, heavy = order[:k // 2], order[::-1][:k // 2]
         else:
-            order = np.lexsort((np.arange(k), -loads)).reshape(-1, block)
+            order = _argsort_int(loads, descending=True).reshape(-1, block)
             heavy, light = order[:, :block // 2].ravel(), order[:, ::-1][:, :block // 2].ravel()
         active = loads[heavy] > loads[light] + 1
         if not active.any():
@@ -422,6 +443,7 @@ class BalancePlanner:
         self._deferred = SampleTable.empty()
         self._deferred_age = np.zeros(0, np.int64)
         self._last_step: Optional[int] = None
+        self.last_start: Optional[str] = None            # which start won the last kk plan (for benchmarks)
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -429,9 +451,14 @@ class BalancePlanner:
         return self._deferred
 
     def _config(self) -> dict:
+        """Everything the plans depend on besides the data; a resume must match it exactly."""
+        cm = None
+        if self.cost_model is not None:
+            cm = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.cost_model).items()}
         return {"num_ranks": self.num_ranks, "micro_batches_per_rank": self.micro_batches_per_rank,
                 "max_llm_tokens_per_micro": self.max_llm_tokens, "max_vit_frames_per_micro": self.max_vit_frames,
-                "seed": self.seed, "method": self.method, "align": self.align}
+                "seed": self.seed, "method": self.method, "align": self.align, "fill": self.fill,
+                "refine_rounds": self.refine_rounds, "pin_after": self.pin_after, "cost_model": cm}
 
     def state_dict(self) -> dict:
         d = self._deferred
@@ -445,7 +472,8 @@ class BalancePlanner:
         if state.get("version") != 1:
             raise ValueError(f"BalancePlanner state version {state.get('version')} is not supported (expected 1)")
         mine = self._config()
-        diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
+        saved = state["config"]
+        diff = {k: (saved.get(k), mine[k]) for k in mine if saved.get(k) != mine[k]}
         if diff:
             raise ValueError("BalancePlanner.load_state_dict: the checkpoint was planned with a different setup "
                              + ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diff.items())
@@ -463,7 +491,8 @@ class BalancePlanner:
         new = SampleTable.coerce(candidates)
         pool = SampleTable.concat([self._deferred, new])
         age = np.concatenate([self._deferred_age, np.zeros(len(new), np.int64)])
-        if len(np.unique(pool.index)) != len(pool):
+        sorted_index = np.sort(pool.index)
+        if np.any(sorted_index[1:] == sorted_index[:-1]):
             raise ValueError(f"plan(step={step}): a sample index appears twice among the deferred samples and the "
                              "candidates; the window must not repeat samples within an epoch")
         R = self.num_ranks
@@ -474,7 +503,8 @@ class BalancePlanner:
         sizes = np.stack([tokens, pool.frames], axis=1)
         caps = np.array([self.max_llm_tokens, self.max_vit_frames], np.int64)
         self._check_fits(pool, sizes, caps)
-        costs = quantize_costs(self.cost_model.costs(pool) if self.cost_model is not None else tokens)
+        real_costs = self.cost_model.costs(pool) if self.cost_model is not None else tokens.astype(np.float64)
+        costs = quantize_costs(real_costs)
         M = self._micro_batches(sizes, caps, len(pool))
         K = R * M
         pinned = age >= self.pin_after
@@ -482,8 +512,12 @@ class BalancePlanner:
             bin_of = self._naive(sizes, caps, M)
         else:
             bin_of = self._balanced(costs, sizes, caps, K, pinned)
-        plan = self._arrange(step, pool, bin_of, costs, M)
+        plan = self._arrange(step, pool, bin_of, costs, real_costs, M)
         deferred = bin_of < 0
+        if deferred.sum() > max(len(new), 1):
+            warnings.warn(f"BalancePlanner: {int(deferred.sum())} samples deferred at step {step}, more than a window "
+                          f"brings ({len(new)}); the budgets hold less than the window: raise micro_batches_per_rank "
+                          "(or pass None for auto) or the per-micro-batch budgets", RuntimeWarning, stacklevel=2)
         self._deferred = pool.take(np.nonzero(deferred)[0])
         self._deferred_age = age[deferred] + 1
         self._last_step = step
@@ -514,11 +548,13 @@ class BalancePlanner:
 
     def _balanced(self, costs: np.ndarray, sizes: np.ndarray, caps: np.ndarray, K: int,
                   pinned: np.ndarray) -> np.ndarray:
-        """kk: KK and LPT starts, each repaired and refined; the better plan is kept.
-        lpt: the LPT start only. Better = fewer deferred samples, then shorter critical path."""
-        starts = [karmarkar_karp_equal, greedy_lpt] if self.method == "kk" else [greedy_lpt]
+        """kk: KK (equal counts) refined by pairwise moves/swaps, and plain LPT as the fallback;
+        the better plan is kept (fewer deferred samples, then shorter critical path).
+        lpt: plain LPT only. Each start is repaired to the budgets first."""
+        starts = [(karmarkar_karp_equal, True), (greedy_lpt, False)] if self.method == "kk" else [(greedy_lpt, False)]
         best, best_key = None, None
-        for start in starts:
+        for start, refine in starts:
+            name = "kk" if start is karmarkar_karp_equal else "lpt"
             bin_of = start(costs, K)
             if np.any(_over_budget(bin_of, sizes, caps, K)):
                 bin_of = repair_budgets(bin_of, costs, sizes, caps, K, pinned)
@@ -526,31 +562,34 @@ class BalancePlanner:
                     fallback = greedy_lpt_budgeted(costs, K, sizes, caps, first=pinned)
                     if _deferral_key(fallback, pinned) < _deferral_key(bin_of, pinned):
                         bin_of = fallback
-            if self.refine_rounds:
+            if refine and self.refine_rounds:
                 bin_of = refine_pairs(bin_of, costs, K, sizes, caps, allow_moves=True,
                                       rounds=self.refine_rounds, block=self.num_ranks)
             key = (*_deferral_key(bin_of, pinned), step_critical_path(_bin_sums(bin_of, costs, K), self.num_ranks))
             if best_key is None or key < best_key:
-                best, best_key = bin_of, key
+                best, best_key, self.last_start = bin_of, key, name
         return best
 
     def _naive(self, sizes: np.ndarray, caps: np.ndarray, M: int) -> np.ndarray:
-        """Sequential: sample i -> rank i mod R (DistributedSampler order); each rank fills its
-        micro-batches in order, next-fit within the budgets; what does not fit is deferred."""
+        """Sequential, what a plain trainer does: sample i -> rank i mod R (DistributedSampler
+        order); each rank cuts its samples, in order, into M micro-batches of equal count. A
+        sample that would break a micro-batch's budget is deferred instead."""
         R = self.num_ranks
         bin_of = np.full(len(sizes), -1, np.int64)
+        cols = [sizes[:, d].tolist() for d in range(sizes.shape[1])]
+        limits = caps.tolist()
         for r in range(R):
-            m, used = 0, np.zeros(sizes.shape[1], np.int64)
-            for i in range(r, len(sizes), R):
-                if np.any(used + sizes[i] > caps):
-                    m, used = m + 1, np.zeros_like(used)
-                if m >= M:
-                    break
-                bin_of[i] = r * M + m
-                used += sizes[i]
+            mine = list(range(r, len(sizes), R))
+            for m, chunk in enumerate(np.array_split(np.asarray(mine, dtype=np.int64), M)):
+                used = [0] * len(cols)
+                for i in chunk.tolist():
+                    if all(u + col[i] <= cap for u, col, cap in zip(used, cols, limits)):
+                        used = [u + col[i] for u, col in zip(used, cols)]
+                        bin_of[i] = r * M + m
         return bin_of
 
-    def _arrange(self, step: int, pool: SampleTable, bin_of: np.ndarray, costs: np.ndarray, M: int) -> Plan:
+    def _arrange(self, step: int, pool: SampleTable, bin_of: np.ndarray, costs: np.ndarray,
+                 real_costs: np.ndarray, M: int) -> Plan:
         """Bins -> (rank, micro-step) slots: micro-steps take bins in load order, ranks get them in a
         seeded (per step) order reversed on every other micro-step so no rank is always heaviest."""
         R, K = self.num_ranks, self.num_ranks * M
@@ -558,7 +597,7 @@ class BalancePlanner:
             slot_of_bin = np.arange(K)                     # naive bins are already r*M + m
         else:
             loads = _bin_sums(bin_of, costs, K)
-            by_load = np.lexsort((np.arange(K), -loads))   # heaviest first, ties by bin id
+            by_load = _argsort_int(loads, descending=True)  # heaviest first, ties by bin id
             rank_order = np.random.default_rng([self.seed, step]).permutation(R)
             slot_of_bin = np.empty(K, np.int64)
             for m in range(M):
@@ -566,12 +605,9 @@ class BalancePlanner:
                 slot_of_bin[by_load[m * R:(m + 1) * R]] = ranks * M + m
         placed = np.nonzero(bin_of >= 0)[0]
         slots = slot_of_bin[bin_of[placed]]
-        order = np.argsort(slots, kind="stable")
-        members = placed[order]
+        members = placed[_stable_order(slots)]
         offsets = np.zeros(K + 1, np.int64)
         np.cumsum(np.bincount(slots, minlength=K), out=offsets[1:])
-        real_costs = self.cost_model.costs(pool) if self.cost_model is not None else \
-            aligned_lengths(pool.llm_tokens, self.align).astype(np.float64)
         slot_cost = np.bincount(slots, weights=real_costs[placed], minlength=K).reshape(R, M)
         return Plan(step=int(step), num_ranks=R, micro_batches=M, sample_index=pool.index[members],
                     slot_offsets=offsets, slot_cost=slot_cost, deferred=pool.index[bin_of < 0],

@@ -262,19 +262,30 @@ def vocab_parallel_embedding(vocab_size: int, dim: int) -> VocabParallelEmbeddin
 
 # --- LM head and loss ----------------------------------------------------------------------------
 
-def tied_vocab_parallel_logits(hidden: torch.Tensor, embedding: VocabParallelEmbedding) -> torch.Tensor:
-    """LM head sharing the embedding table: hidden ``[..., dim]`` (same on every TP rank) ->
-    this rank's logits slice ``[..., padded_vocab_size / TP]``. Feed to :func:`vocab_parallel_lm_loss`
-    with ``vocab_size=embedding.vocab_size``."""
-    _, world = _tp_rank_and_size()
-    h = _flatten_leading(hidden)
-    # Same call megatron's ColumnParallelLinear makes when given an external weight: the input
-    # gradient is all-reduced over TP in backward (each rank only sees its vocab slice).
-    logits = mtp.linear_with_grad_accumulation_and_async_allreduce(
-        input=h, weight=embedding.weight, bias=None, gradient_accumulation_fusion=False,
-        allreduce_dgrad=world > 1, sequence_parallel=False,
-        tp_group=ps.get_tensor_model_parallel_group())
-    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+class TiedVocabParallelHead(nn.Module):
+    """LM head that shares the embedding table: hidden ``[..., dim]`` (the same on every TP rank)
+    -> this rank's logits slice ``[..., padded_vocab_size / TP]``; feed it to
+    :func:`vocab_parallel_lm_loss` with ``vocab_size=head.vocab_size``.
+
+    A module (not a function of ``embedding.weight``) because ZeRO-3 gathers a parameter only in
+    the forward of a module that owns it; registering the shared table here makes DeepSpeed gather
+    it for the head too (the same arrangement as a tied ``lm_head`` in Hugging Face models)."""
+
+    def __init__(self, embedding: VocabParallelEmbedding):
+        super().__init__()
+        self.weight = embedding.weight
+        self.vocab_size, self.padded_vocab_size = embedding.vocab_size, embedding.padded_vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        _, world = _tp_rank_and_size()
+        h = _flatten_leading(hidden)
+        # The call megatron's ColumnParallelLinear makes when given an external weight: each rank
+        # only sees its vocab slice, so the input gradient is all-reduced over TP in backward.
+        logits = mtp.linear_with_grad_accumulation_and_async_allreduce(
+            input=h, weight=self.weight, bias=None, gradient_accumulation_fusion=False,
+            allreduce_dgrad=world > 1, sequence_parallel=False,
+            tp_group=ps.get_tensor_model_parallel_group())
+        return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
 
 def vocab_parallel_lm_loss(logits_local: torch.Tensor, labels: torch.Tensor,
@@ -282,7 +293,7 @@ def vocab_parallel_lm_loss(logits_local: torch.Tensor, labels: torch.Tensor,
     """Mean cross-entropy over tokens whose label != ignore_index, without gathering the vocab.
 
     logits_local: ``[..., V/TP]`` this rank's slice of the (padded) vocabulary, as produced by
-    ``column_parallel(dim, padded_V)`` or :func:`tied_vocab_parallel_logits`.
+    ``column_parallel(dim, padded_V)`` or :class:`TiedVocabParallelHead`.
     labels: ``[...]`` int64 global token ids (or ignore_index), the same on every TP rank.
     vocab_size: the real vocabulary size when V was padded; padded columns are excluded from the
     softmax, so the result equals ``F.cross_entropy(full_logits[..., :vocab_size], labels)``.

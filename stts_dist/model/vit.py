@@ -68,7 +68,7 @@ class ViTBlock(nn.Module):
 
 
 class VideoViT(nn.Module):
-    """Frames ``(F, 3, H, W)`` float in [-1, 1] -> patch tokens ``(F, N, D)`` via :meth:`embed`;
+    """Frames ``(F, 3, H, W)`` float in [-1, 1] -> patch tokens ``(F, N, D)`` via ``forward``;
     the blocks are run by the caller (see ``stts_dist.stts.pruned_vit``) so pruning can happen
     between them."""
 
@@ -84,8 +84,9 @@ class VideoViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(ViTBlock(width, heads, mlp_dim, eps) for _ in range(depth))
 
-    def embed(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames: (F, C, H, W) -> (F, N, D). Absolute positions are added here, so tokens can
-        later be moved/packed without any position bookkeeping."""
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """Patch embedding: frames (F, C, H, W) -> (F, N, D). Absolute positions are added here,
+        so tokens can later be moved/packed without any position bookkeeping. (A module call, not
+        a plain method, so ZeRO-3 gathers ``pos_embed`` for it.)"""
         x = self.patch_embed(frames).flatten(2).transpose(1, 2)
         return x + self.pos_embed

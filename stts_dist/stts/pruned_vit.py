@@ -50,7 +50,7 @@ def run_vit_with_stts(vit: VideoViT, scorer: Optional[TokenScorer], frames: torc
     want = set(layers)
     collected: dict[int, torch.Tensor] = {}
 
-    x = vit.embed(frames)                                       # (F, N, D)
+    x = vit(frames)                                       # (F, N, D)
     for i in range(p + 1):
         x = vit.blocks[i](x)
         if i in want:

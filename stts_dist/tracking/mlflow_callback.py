@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from omegaconf import OmegaConf
 
-from stts_dist.config import ConfigError, config_hash, flatten, to_yaml
+from stts_dist.config import ConfigError, TrackingConfig, config_hash, flatten, to_yaml  # noqa: F401 (re-export)
 from stts_dist.tracking.callback import Callback, TrainerView, check_status
 
 log = logging.getLogger(__name__)
@@ -47,20 +47,6 @@ MAX_METRICS_PER_BATCH = 1000
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 _INVALID_NAME_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-@dataclass
-class TrackingConfig:
-    """``cfg.tracking``: where and how often to record the run."""
-
-    enabled: bool = True
-    tracking_uri: str = "sqlite:///mlruns.db"   # or http(s)://host:port of an `mlflow server`
-    # Artifact folder for experiments this callback creates on a local store. Ignored for an
-    # http(s) server unless it is a URI (s3://...): the server then stores artifacts itself.
-    artifact_location: str = "mlartifacts"
-    experiment: str = "stts-dist"
-    run_name: str = ""                           # "" -> cfg.name
-    log_every: int = 10                          # log step metrics every N steps (and the last)
 
 
 def validate_tracking(t: Any) -> None:

@@ -58,16 +58,25 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], meta: dict[str, Any],
-                     keep_last: int = 3) -> Path:
-    """``write_files(tmp_dir)`` writes the state files; then the manifest is written, the folder
-    renamed to its final name and ``latest`` updated. Returns the final folder."""
-    root.mkdir(parents=True, exist_ok=True)
+                     keep_last: int = 3, is_rank0: bool = True, barrier: Optional[Callable[[], None]] = None) -> Path:
+    """``write_files(tmp_dir)`` writes the state files (on every rank); then rank 0 writes the
+    manifest, renames the folder to its final name and updates ``latest``. Returns the final
+    folder. With several ranks, ``barrier`` orders: tmp folder ready -> all parts written ->
+    manifest + rename done."""
+    barrier = barrier or (lambda: None)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if is_rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
     write_files(tmp)
+    barrier()
+    if not is_rank0:
+        barrier()
+        return final
     files = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
@@ -82,6 +91,7 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     _fsync_dir(root)
     atomic_write_text(root / "latest", final.name)
     _prune_old(root, keep_last)
+    barrier()
     return final
 
 

@@ -22,10 +22,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from stts_dist.train.trainer import Trainer
+    from stts_dist.train.trainer import Preempted, Trainer
     trainer = Trainer(cfg)
-    results = trainer.fit()
-    _print_summary(cfg, results)
+    try:
+        results = trainer.fit()
+    except Preempted as e:
+        print(f"[train] {e}; checkpoint written, resume by starting the same command again", flush=True)
+        return Preempted.exit_code
+    if trainer.is_rank0:
+        _print_summary(cfg, results)
     return 0
 
 

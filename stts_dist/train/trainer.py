@@ -4,6 +4,7 @@ distributed one in ``stts_dist.distributed``)."""
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -57,12 +58,15 @@ class LocalTrainModule:
         m.update(out.metrics)
         return m
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def save_into(self, folder: Path, trainer_state: dict) -> None:
+        ckpt.save_torch({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **trainer_state},
+                        folder / "state.pt")
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_from(self, folder: Path) -> dict:
+        state = ckpt.load_torch(folder / "state.pt")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        return state
 
 
 class ConsoleLogger:
@@ -77,10 +81,10 @@ class ConsoleLogger:
                     f"prune_ratio={trainer.cfg.model.stts.prune_ratio}, steps {trainer.step}->{trainer.cfg.train.steps}")
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
-        if (step + 1) % self.every == 0 or step == 0:
+        if step % self.every == 0 or step == 1:
             keys = ["loss", "aux_loss", "lr", "vit_tokens_before", "vit_tokens_after", "llm_visual_tokens",
                     "step_time", "samples_per_s", "tokens_per_s"]
-            trainer.log(f"[step {step + 1}] " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
+            trainer.log(f"[step {step}] " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
 
     def on_eval_end(self, trainer, step: int, metrics: dict) -> None:
         trainer.log(f"[eval @ {step}] " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
@@ -96,16 +100,39 @@ class ConsoleLogger:
         trainer.log(f"[train] {status} at step {trainer.step}")
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was written. Exit code 143 tells launchers to requeue."""
+    exit_code = 143
+
+
+class InjectedFault(RuntimeError):
+    """A deliberate failure requested by cfg.fault (drills and tests)."""
+
+
+def default_callbacks(cfg) -> list:
+    cbs: list = [ConsoleLogger(cfg.train.log_every)]
+    if cfg.tracking.enabled:
+        from stts_dist.tracking.mlflow_callback import MLflowCallback
+        cbs.append(MLflowCallback(cfg.tracking))
+    return cbs
+
+
 class Trainer:
     def __init__(self, cfg, callbacks: Optional[list] = None, module: Any = None, launch_method: str = "local"):
         self.cfg = cfg
         self.launch_method = launch_method
-        self.is_rank0 = True
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = default_tokenizer()
         self.module = module or LocalTrainModule(build_model(cfg.model, self.tokenizer), cfg, self.device)
         self.model: VideoVLM = self.module.model
+        self.rank = getattr(self.module, "rank", 0)
+        self.dp_rank = getattr(self.module, "dp_rank", 0)
+        self.dp_size = getattr(self.module, "dp_size", 1)
+        self.is_rank0 = self.rank == 0
+        if cfg.train.batch_size % self.dp_size:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} (global) must be divisible by the "
+                             f"data-parallel size {self.dp_size}")
         m = cfg.model
         self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size, m.stts.frame_separators)
         d = cfg.data
@@ -115,7 +142,8 @@ class Trainer:
         self.train_set = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train", d.min_frames)
         self.eval_set = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval", d.min_frames)
         self.sampler = EpochSampler(len(self.train_set), cfg.train.batch_size, d.seed)
-        self.callbacks = callbacks if callbacks is not None else [ConsoleLogger(cfg.train.log_every)]
+        self.callbacks = callbacks if callbacks is not None else default_callbacks(cfg)
+        self._stop_signal: Optional[int] = None
         self.step = 0
         self.state: dict = {}
         self.out_dir = Path(cfg.train.out_dir)
@@ -135,33 +163,36 @@ class Trainer:
                 fn(self, *args)
 
     def _world(self) -> dict:
-        return {"world_size": 1, "tensor_parallel": 1}
+        return getattr(self.module, "world", {"world_size": 1, "tensor_parallel": 1})
 
     def save(self) -> Path:
-        state = {"module": self.module.state_dict(), "sampler": self.sampler.state_dict(), "step": self.step,
-                 "rng": ckpt.rng_state(), "trainer_state": dict(self.state)}
+        """Every rank writes its part into the temporary folder; the module's ``checkpoint_barrier``
+        orders the manifest (rank 0) after all parts."""
+        trainer_state = {"sampler": self.sampler.state_dict(), "step": self.step, "rng": ckpt.rng_state(),
+                         "trainer_state": dict(self.state)}
 
         def write(tmp: Path) -> None:
-            ckpt.save_torch(state, tmp / "state.pt")
-            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            (tmp / "tokenizer.json").write_text(self.tokenizer.to_json())
+            self.module.save_into(tmp, trainer_state)
+            if self.is_rank0:
+                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                (tmp / "tokenizer.json").write_text(self.tokenizer.to_json())
 
         self._saved_step = self.step
         path = ckpt.write_checkpoint(self.ckpt_root, self.step, write,
-                                     {"config_hash": config_hash(self.cfg), "world": self._world()})
+                                     {"config_hash": config_hash(self.cfg), "world": self._world()},
+                                     is_rank0=self.is_rank0, barrier=getattr(self.module, "barrier", None))
         self._emit("on_checkpoint", self.step, str(path))
         return path
 
     def maybe_resume(self) -> bool:
         if not self.cfg.train.resume:
             return False
-        found = ckpt.find_resumable(self.ckpt_root, self.log)
+        found = ckpt.find_resumable(self.ckpt_root, self.log if self.is_rank0 else (lambda m: None))
         if found is None:
             return False
         path, manifest = found
         ckpt.check_layout(manifest, self._world())
-        state = ckpt.load_torch(path / "state.pt")
-        self.module.load_state_dict(state["module"])
+        state = self.module.load_from(path)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.state = dict(state.get("trainer_state", {}))
@@ -203,14 +234,20 @@ class Trainer:
         self.sampler.load_state_dict(start_state)
         ratio = 0.0 if cfg.model.stts.method == "none" else cfg.model.stts.prune_ratio
         collate = _Collate(self.builder, ratio)
-        batches = prefetching_batches(self.train_set, [p[0] for p in plan], collate, cfg.data.num_workers)
+        # This data-parallel rank's share of each global batch (TP peers share a dp_rank, so they
+        # receive identical samples).
+        local = [idx[self.dp_rank::self.dp_size] for idx, _ in plan]
+        batches = prefetching_batches(self.train_set, local, collate, cfg.data.num_workers)
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + self.step)
         status = "FAILED"
         last_eval: dict[str, float] = {}
+        previous = self._install_signal_handlers()
         try:
             bar = _progress(cfg.train.progress_bar and self.is_rank0, self.step, total)
             for (idx, sampler_state), batch in zip(plan, batches):
                 t0 = time.perf_counter()
+                if cfg.fault.fail_at_step == self.step and cfg.fault.fail_rank in (-1, self.rank):
+                    raise InjectedFault(f"injected fault at step {self.step} on rank {self.rank} (cfg.fault)")
                 batch = batch.to(self.device)
                 metrics = self.module.train_step(batch, self.step, gen)
                 dt = time.perf_counter() - t0
@@ -219,9 +256,9 @@ class Trainer:
                                tokens_per_s=(metrics["vit_tokens_after"] + metrics["llm_tokens"]) * batch.size / dt)
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}; lower optim.lr or check the data")
+                self.step += 1
                 self.history.append({"step": self.step, **metrics})
                 self._emit("on_step_end", self.step, metrics)
-                self.step += 1
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['llm_visual_tokens']:.0f}")
@@ -229,6 +266,12 @@ class Trainer:
                     self.save()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                     last_eval = self.evaluate()
+                if self._stop_signal is not None:
+                    self.log(f"[signal] {signal.Signals(self._stop_signal).name} received: checkpointing at step {self.step}")
+                    if self._saved_step != self.step:
+                        self.save()
+                    status = "KILLED"
+                    raise Preempted(f"stopped by {signal.Signals(self._stop_signal).name} at step {self.step}")
             if bar:
                 bar.close()
             if total > 0 and self._saved_step != self.step:
@@ -240,7 +283,26 @@ class Trainer:
             status = "KILLED"
             raise
         finally:
+            self._restore_signal_handlers(previous)
             self._emit("on_train_end", status)
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM (Slurm preemption, torchrun shutdown) and SIGUSR1 (sbatch --signal) finish the
+        current step, write a checkpoint and exit with 143."""
+        def handler(signum, frame):
+            self._stop_signal = signum
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:       # not the main thread (e.g. inside some launchers)
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 class _Collate:
