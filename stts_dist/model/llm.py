@@ -122,6 +122,15 @@ class LlamaLM(nn.Module):
         self.tie_embeddings = tie_embeddings
         if tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # The real vocabulary (the tables may be padded, e.g. to a tensor-parallel multiple):
+        # padded columns never receive probability mass.
+        self.real_vocab = vocab_size
+        # Tensor parallelism replaces these two hooks (vocab-parallel loss, gathered logits).
+        self.cross_entropy = self._cross_entropy
+        self.gather_logits = lambda local: local
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[..., :self.real_vocab].float(), labels)
 
     def forward_hidden(self, embeds: torch.Tensor, positions: torch.Tensor, plan: VarlenPlan) -> torch.Tensor:
         """embeds: (total, hidden) packed; positions: (total,) -> final-normed hidden (total, hidden)."""
@@ -132,15 +141,17 @@ class LlamaLM(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Full logits over the real vocabulary: (..., real_vocab)."""
+        return self.gather_logits(self.lm_head(hidden))[..., :self.real_vocab]
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy over positions with ``labels != -100``; the LM head runs
-        only on those positions (answer tokens), which is most of its cost saved."""
+        only on those positions (answer tokens), which is most of its cost saved. The head is
+        called even when no position counts, so every rank runs the same modules."""
         sel = labels != -100
         if not bool(sel.any()):
-            return hidden.sum() * 0.0
-        return F.cross_entropy(self.logits(hidden[sel]).float(), labels[sel])
+            return self.lm_head(hidden[:1]).sum() * 0.0
+        return self.cross_entropy(self.lm_head(hidden[sel]), labels[sel])
 
     def forward_cached(self, embeds: torch.Tensor, positions: torch.Tensor, cache: list[dict]) -> torch.Tensor:
         """Incremental decoding. embeds: (B, L, hidden); positions: (B, L); ``cache``: one dict per
