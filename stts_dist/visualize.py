@@ -113,6 +113,15 @@ def heat_tile(scores_row: np.ndarray, keep_row: np.ndarray, lo: float, hi: float
     return out
 
 
+def _fit(draw: ImageDraw.ImageDraw, text: str, max_px: int, font) -> str:
+    """``text`` cut (with an ellipsis) to fit ``max_px`` pixels."""
+    if draw.textlength(text, font=font) <= max_px:
+        return text
+    while text and draw.textlength(text + "...", font=font) > max_px:
+        text = text[:-1]
+    return text + "..."
+
+
 def render_kept_tokens(frames: np.ndarray, kept: KeptTokens, out_path: str | Path, title: str = "",
                        cell: int = CELL, columns: int = MAX_COLUMNS) -> Path:
     """Write the kept-token picture of one video. frames: (T, H, W, 3) uint8. Returns the path."""
@@ -134,9 +143,9 @@ def render_kept_tokens(frames: np.ndarray, kept: KeptTokens, out_path: str | Pat
     lo = hi = 0.0
     if has_scores:
         lo, hi = float(kept.scores.min()), float(kept.scores.max())
-        summary += f"   scores {lo:.3f}..{hi:.3f} (heat map: dark=low, yellow=high)"
-    draw.text((PAD, 4), title, fill=TEXT, font=font)
-    draw.text((PAD, 4 + HEADER_H // 2), summary, fill=TEXT, font=font)
+        summary += f"   scores {lo:.5g}..{hi:.5g} (heat map: dark=low, yellow=high)"
+    draw.text((PAD, 4), _fit(draw, title, width - 2 * PAD, font), fill=TEXT, font=font)
+    draw.text((PAD, 4 + HEADER_H // 2), _fit(draw, summary, width - 2 * PAD, font), fill=TEXT, font=font)
     size = frames.shape[1]
     for t in range(T):
         x = PAD + (t % cols) * (cell + PAD)

@@ -41,7 +41,8 @@ def generate(model: VideoVLM, batch: VideoBatch, eos_id: int, max_new_tokens: in
             if not done[i] and int(nxt[i]) != eos_id:
                 out[i].append(int(nxt[i]))
         done |= nxt == eos_id
-        if bool(done.all()):
+        # Under ZeRO-3 every rank must run the same number of forwards: never stop early there.
+        if bool(done.all()) and not torch.distributed.is_initialized():
             break
         step_valid = torch.cat([cache[0]["valid"], torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
         for c in cache:

@@ -8,7 +8,6 @@ frame), so ZeRO-3 sees the same module call sequence on every rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,13 +28,22 @@ class VisualTokenMismatch(ValueError):
     """The prompt reserved a different number of visual placeholders than the ViT produced."""
 
 
-@dataclass
-class VLMOutput:
-    loss: torch.Tensor
-    lm_loss: torch.Tensor
-    aux_loss: torch.Tensor
-    metrics: dict = field(default_factory=dict)
-    vit: Optional[ViTResult] = None
+class VLMOutput(dict):
+    """``loss`` (lm_loss + weight * aux_loss), ``lm_loss`` (mean CE over answer tokens),
+    ``aux_loss`` (temporal novelty loss, 0 unless method scorer) -- all with graph -- and
+    ``metrics`` (floats). A dict, so DeepSpeed ZeRO-3 finds the output tensors and hooks their
+    backward; the ViT details ride along as the attribute ``vit`` (not an item)."""
+
+    def __init__(self, loss: torch.Tensor, lm_loss: torch.Tensor, aux_loss: torch.Tensor,
+                 metrics: Optional[dict] = None, vit: Optional[ViTResult] = None):
+        super().__init__(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, metrics=metrics or {})
+        self.vit = vit
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class VideoVLM(nn.Module):
@@ -151,7 +159,7 @@ class VideoVLM(nn.Module):
             "llm_visual_tokens": 0 if dummy else int(res.keep.sum()) / n,
             "llm_tokens": sum(batch.seq_lengths) / n,
         }
-        return VLMOutput(loss, lm_loss.detach(), res.aux_loss.detach(), metrics, res)
+        return VLMOutput(loss, lm_loss, res.aux_loss, metrics, res)
 
 
 def build_model(cfg, tokenizer) -> VideoVLM:

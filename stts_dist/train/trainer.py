@@ -53,7 +53,7 @@ class LocalTrainModule:
         out.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
-        m = {"loss": float(out.loss.detach()), "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss),
+        m = {"loss": float(out.loss.detach()), "lm_loss": float(out.lm_loss.detach()), "aux_loss": float(out.aux_loss.detach()),
              "grad_norm": float(gnorm), "lr": lrs.get("main", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
         m.update(out.metrics)
         return m
@@ -76,7 +76,9 @@ class ConsoleLogger:
         self.every = max(1, every)
 
     def on_train_start(self, trainer) -> None:
-        n = sum(p.numel() for p in trainer.model.parameters())
+        # ZeRO-3 leaves partitioned parameters empty locally; ds_numel is the full size (under TP,
+        # of this rank's slice).
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
         trainer.log(f"[train] {trainer.cfg.name}: {n / 1e6:.2f}M parameters, method={trainer.cfg.model.stts.method} "
                     f"prune_ratio={trainer.cfg.model.stts.prune_ratio}, steps {trainer.step}->{trainer.cfg.train.steps}")
 
@@ -109,6 +111,21 @@ class InjectedFault(RuntimeError):
     """A deliberate failure requested by cfg.fault (drills and tests)."""
 
 
+def build_train_module(cfg, tokenizer, device: torch.device):
+    """Single-process torch, or DeepSpeed ZeRO + megatron TP when launched on several ranks
+    (torchrun / srun / Ray set WORLD_SIZE) or when parallel.engine=deepspeed."""
+    import os
+    engine = cfg.parallel.engine
+    if engine == "auto":
+        engine = "deepspeed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
+    if engine == "local":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("parallel.engine=local cannot run on several ranks; use parallel.engine=auto or deepspeed")
+        return LocalTrainModule(build_model(cfg.model, tokenizer), cfg, device)
+    from stts_dist.distributed.train_module import DistributedTrainModule
+    return DistributedTrainModule(cfg, tokenizer)
+
+
 def default_callbacks(cfg) -> list:
     cbs: list = [ConsoleLogger(cfg.train.log_every)]
     if cfg.tracking.enabled:
@@ -124,7 +141,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = default_tokenizer()
-        self.module = module or LocalTrainModule(build_model(cfg.model, self.tokenizer), cfg, self.device)
+        self.module = module or build_train_module(cfg, self.tokenizer, self.device)
         self.model: VideoVLM = self.module.model
         self.rank = getattr(self.module, "rank", 0)
         self.dp_rank = getattr(self.module, "dp_rank", 0)

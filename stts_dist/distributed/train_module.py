@@ -1,0 +1,104 @@
+"""The distributed "train module": the VLM with megatron-core TP inside a DeepSpeed ZeRO engine.
+
+Same interface as ``stts_dist.train.trainer.LocalTrainModule`` (train_step / save_into /
+load_from), so the training loop does not know which one it drives.
+
+Loss normalisation: the LM loss is a mean over the answer tokens of the GLOBAL batch. Each rank
+scales its local mean by ``local_tokens * DP / global_tokens`` (one all-reduce of a count), so
+DeepSpeed's gradient averaging over DP yields exactly the single-process gradient even when
+ranks hold different numbers of answer tokens.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from stts_dist.model.vlm import build_model
+from stts_dist.train import checkpoint as ckpt
+from stts_dist.train.optim import build_optimizer, set_learning_rates
+
+DS_TAG = "deepspeed"
+
+
+class DistributedTrainModule:
+    def __init__(self, cfg, tokenizer):
+        from megatron.core import parallel_state as ps
+
+        from stts_dist.distributed.deepspeed_engine import DeepSpeedSettings, initialize_engine
+        from stts_dist.distributed.parallel import initialize_parallel
+        from stts_dist.distributed.parallelize import parallelize_vlm
+
+        par = cfg.parallel
+        if not dist.is_initialized() and "RANK" not in os.environ:
+            # a single process can still use the engine (tests, debugging)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+        self.layout = initialize_parallel(par.tensor_parallel, par.timeout_s)
+        self.cfg = cfg
+        self.rank = self.layout.rank
+        self.dp_rank, self.dp_size = self.layout.data_parallel_rank, self.layout.data_parallel
+        self.tp_rank = self.layout.tensor_parallel_rank
+        self.world = {"world_size": self.layout.world_size, "tensor_parallel": self.layout.tensor_parallel}
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+        self.dp_group = ps.get_data_parallel_group()
+        torch.manual_seed(cfg.train.seed)          # identical full weights on every rank
+        model = build_model(cfg.model, tokenizer)
+        parallelize_vlm(model)
+        model.to(self.device)
+        optimizer = build_optimizer(model, cfg.optim)
+        settings = DeepSpeedSettings.from_run_config(cfg, data_parallel=self.dp_size,
+                                                     grad_accum=par.grad_accum_steps, zero_stage=par.zero_stage)
+        settings.stage3_param_persistence_threshold = par.stage3_param_persistence_threshold
+        self.engine = initialize_engine(model, optimizer, settings)
+        self.model = self.engine.module
+        self.zero_stage = par.zero_stage
+
+    # ------------------------------------------------------------------------------------------
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def _global_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.dp_group)
+        return float(t) / self.dp_size
+
+    def train_step(self, batch, step: int, generator: torch.Generator) -> dict[str, float]:
+        lrs = set_learning_rates(self.engine.optimizer, step, self.cfg.train.steps, self.cfg.optim)
+        self.engine.train()
+        out = self.engine(batch, generator=generator)
+        n_local = torch.tensor([float((batch.labels != -100).sum())], dtype=torch.float64)
+        n_global = n_local.clone()
+        dist.all_reduce(n_global, group=self.dp_group)
+        scale = float(n_local) * self.dp_size / max(float(n_global), 1.0)
+        w = self.cfg.model.stts.aux_loss_weight if self.cfg.model.stts.method == "scorer" else 0.0
+        loss = out.lm_loss * scale + w * out.aux_loss
+        self.engine.backward(loss)
+        self.engine.step()
+        gnorm = self.engine.get_global_grad_norm()
+        lm = self._global_mean(float(out.lm_loss.detach()) * scale)
+        aux = self._global_mean(float(out.aux_loss.detach()))
+        m = {"loss": lm + w * aux, "lm_loss": lm, "aux_loss": aux,
+             "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
+             "lr": lrs.get("main", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
+        m.update(out.metrics)
+        return m
+
+    # ------------------------------------------------------------------------------------------
+    def save_into(self, folder: Path, trainer_state: dict) -> None:
+        """DeepSpeed writes model + optimizer shards per (TP, DP) rank; each rank adds its own
+        trainer state (RNG differs per rank)."""
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+        ckpt.save_torch(trainer_state, folder / f"trainer_rank{self.rank:05d}.pt")
+
+    def load_from(self, folder: Path) -> dict:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load {folder}/{DS_TAG}")
+        own = folder / f"trainer_rank{self.rank:05d}.pt"
+        if not own.is_file():
+            raise ckpt.CheckpointError(f"checkpoint {folder} has no state for rank {self.rank} ({own.name})")
+        return ckpt.load_torch(own)
