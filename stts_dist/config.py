@@ -67,6 +67,7 @@ class STTSConfig:
     prune_at: int = 1             # score after this ViT block; bias in prune_at+1; drop after it
     scorer_hidden: int = 256
     scorer_heads: int = 4
+    scorer_init_std: float = 0.02  # truncated-normal std of the scorer's weights (reference: 0.02)
     aux_loss_weight: float = 0.5  # lambda of the temporal novelty loss
     detach_aux_target: bool = False
     key_bias: bool = True         # log-score key bias in block prune_at+1 (LM-gradient path)

@@ -248,6 +248,8 @@ def greedy_lpt_budgeted(costs: np.ndarray, k: int, sizes: np.ndarray, capacities
 
 def _bin_sums(bin_of: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
     """Per-bin sums of integer values (float64 bincount is exact below 2^53); ``-1`` skipped."""
+    if len(bin_of) == 0 or bin_of.min() >= 0:            # common case: nothing deferred, no masking
+        return np.bincount(bin_of, weights=values, minlength=k).astype(np.int64)
     keep = bin_of >= 0
     return np.bincount(bin_of[keep], weights=values[keep], minlength=k).astype(np.int64)
 
@@ -350,7 +352,7 @@ def refine_pairs(bin_of: np.ndarray, costs: np.ndarray, k: int, sizes: Optional[
         ph = pair_of[bin_of[hi]]
         Lh, Ll = loads[heavy][ph], loads[light][ph]
         a = costs[hi]
-        half_gap = (Lh - Ll) // 2
+        half_gap = (Lh - Ll) >> 1                         # Lh >= Ll
         room_h = [(cap - u[heavy])[ph] for u, cap in zip(used, caps)]   # budget left per pair side
         room_l = [(cap - u[light])[ph] for u, cap in zip(used, caps)]
         sz_a = [col[hi] for col in size_cols]

@@ -15,7 +15,7 @@ from stts_dist.stts.layout import FrameLayout
 
 
 class TokenScorer(nn.Module):
-    def __init__(self, width: int, hidden: int, heads: int, pool_size: int):
+    def __init__(self, width: int, hidden: int, heads: int, pool_size: int, init_std: float = 0.02):
         super().__init__()
         self.pool_size = pool_size
         self.norm = nn.LayerNorm(width)
@@ -24,7 +24,7 @@ class TokenScorer(nn.Module):
                                  nn.Linear(hidden, 1))
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, grid: int, layout: FrameLayout) -> torch.Tensor:

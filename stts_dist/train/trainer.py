@@ -51,7 +51,9 @@ class LocalTrainModule:
             out = self.model(batch, generator=generator)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        clip = self.cfg.optim.grad_clip
+        # 0 disables clipping (as in DeepSpeed); the norm is still measured for logging
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
         m = {"loss": float(out.loss.detach()), "lm_loss": float(out.lm_loss.detach()), "aux_loss": float(out.aux_loss.detach()),
              "grad_norm": float(gnorm), "lr": lrs.get("main", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
