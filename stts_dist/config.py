@@ -86,8 +86,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"        # digits (generated in memory) | shards | manifest
+    # digits: generated in memory | digits_mp4: the same written as mp4 + manifest, sharded with
+    # Ray, read by the WebDataset loader | manifest: your JSONL manifest (sharded first) | shards
+    source: str = "digits"
     path: str = ""                # shard folder or manifest.jsonl for source=shards|manifest
+    work_dir: str = "data"        # where generated videos and shards are written
+    fps: float = 0.0              # frame sampling when sharding videos; 0 = every native frame
+    shard_cpus: int = 0           # CPUs of the local Ray sharding job; 0 = all
     num_frames: int = 8
     min_frames: int = 0           # >0: videos of random length in [min_frames, num_frames]
     train_samples: int = 4000
@@ -272,6 +277,10 @@ def validate(cfg: Any) -> None:
                f"model.connector.layers entry {layer} is outside the ViT's {m.vit.depth} blocks")
     _check(m.connector.pool_size >= 1, "model.connector.pool_size must be >= 1")
     d = cfg.data
+    from stts_dist.train.sources import SOURCES
+    _check(d.source in SOURCES, f"data.source='{d.source}' must be one of {SOURCES}")
+    _check(d.source in ("digits", "digits_mp4") or bool(d.path),
+           f"data.source={d.source} needs data.path (a shard folder or a manifest .jsonl)")
     _check(d.num_frames >= 1, "data.num_frames must be >= 1")
     _check(d.min_frames <= d.num_frames, f"data.min_frames={d.min_frames} must be <= data.num_frames={d.num_frames}")
     # Every video must be able to keep its whole first frame: int(G*r*T) <= G*(T-1).

@@ -143,8 +143,8 @@ class ParallelPlan:
 
 
 def plan_from_config(cfg: Any, cluster: Cluster) -> ParallelPlan:
-    """TP x DP layout of ``cfg`` on ``cluster`` (config.validate already checked that TP divides the
-    heads and FFN widths)."""
+    """TP x DP layout of ``cfg`` on ``cluster`` (``load_config`` already checked the ZeRO stage and
+    that TP divides the heads and FFN widths)."""
     tp = int(cfg.parallel.tensor_parallel)
     if cluster.nodes < 1 or cluster.gpus_per_node < 1:
         raise ConfigError(f"--nodes={cluster.nodes} and --gpus-per-node={cluster.gpus_per_node} must be >= 1")
@@ -158,10 +158,7 @@ def plan_from_config(cfg: Any, cluster: Cluster) -> ParallelPlan:
         raise ConfigError(f"train.batch_size={batch} (global) is not divisible by data_parallel={dp} x "
                           f"parallel.grad_accum_steps={accum} ({cluster.nodes} nodes x {cluster.gpus_per_node} GPUs / "
                           f"tensor_parallel={tp}); use a multiple of {dp * accum} or another --nodes")
-    stage = int(cfg.parallel.zero_stage)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={stage} must be 0, 1, 2 or 3")
-    return ParallelPlan(tp, dp, stage, batch // (dp * accum), accum)
+    return ParallelPlan(tp, dp, int(cfg.parallel.zero_stage), batch // (dp * accum), accum)
 
 
 # --- token counts -------------------------------------------------------------------------------

@@ -81,3 +81,17 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
 def test_injected_fault_names_rank(tmp_path):
     with pytest.raises(InjectedFault, match="step 1 on rank 0"):
         Trainer(_cfg(tmp_path, **{"fault.fail_at_step": 1})).fit()
+
+
+def test_full_user_path_mp4_ray_shards_loader(tmp_path):
+    """digits mp4 -> Ray sharding -> WebDataset loader -> training, and exact resume through it."""
+    extra = {"data.source": "digits_mp4", "data.work_dir": str(tmp_path / "data"), "data.train_samples": 16,
+             "data.shard_cpus": 1}
+    full = Trainer(_cfg(tmp_path / "a", **extra))
+    full.fit()
+    assert (tmp_path / "data").glob("digits_shards_*/index.json")
+    first = Trainer(_cfg(tmp_path / "b", **{**extra, "train.steps": 3}))
+    first.fit()
+    resumed = Trainer(_cfg(tmp_path / "b", **extra))
+    resumed.fit()
+    assert _losses(first) + _losses(resumed) == _losses(full)

@@ -319,15 +319,17 @@ def refine_pairs(bin_of: np.ndarray, costs: np.ndarray, k: int, sizes: Optional[
     caps = np.asarray(capacities, dtype=np.int64).tolist()
     size_cols = [np.ascontiguousarray(sizes[:, d], dtype=np.int64) for d in range(sizes.shape[1])]
     by_cost = _argsort_int(costs)
-    best_path = None
-    for _ in range(rounds):
+    best_path, best = None, bin_of
+    for round_index in range(rounds + 1):
         placed = bin_of >= 0
         loads = _bin_sums(bin_of, costs, k)
-        if block is not None:
+        if block is not None:                             # keep the best assignment seen; stop when no gain
             path = step_critical_path(loads, block)
             if best_path is not None and path >= best_path:
                 break
-            best_path = path
+            best_path, best = path, bin_of.copy()
+        if round_index == rounds:
+            break
         counts = np.bincount(bin_of[placed], minlength=k)
         used = [_bin_sums(bin_of, col, k) for col in size_cols]
         if block is None:
@@ -394,7 +396,7 @@ def refine_pairs(bin_of: np.ndarray, costs: np.ndarray, k: int, sizes: Optional[
         bin_of[ia] = light[p]
         swap = ib >= 0
         bin_of[ib[swap]] = heavy[p[swap]]
-    return bin_of
+    return best if block is not None else bin_of
 
 
 def step_critical_path(bin_loads: np.ndarray, num_ranks: int) -> int:

@@ -18,7 +18,8 @@ from stts_dist.evaluation import evaluate
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist.tokenizer import default_tokenizer
 from stts_dist.train import checkpoint as ckpt
-from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
+from stts_dist.train.data import DigitsDataset
+from stts_dist.train.sources import build_source, prepare_shards
 from stts_dist.train.optim import build_optimizer, set_learning_rates
 
 
@@ -155,12 +156,13 @@ class Trainer:
         m = cfg.model
         self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size, m.stts.frame_separators)
         d = cfg.data
-        if d.source != "digits":
-            raise NotImplementedError(f"data.source={d.source!r}: only the built-in 'digits' source is wired into "
-                                      "the single-process trainer so far")
-        self.train_set = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train", d.min_frames)
+        barrier = getattr(self.module, "barrier", lambda: None)
+        if self.is_rank0:
+            prepare_shards(cfg, self.log)      # videos -> Ray -> WebDataset shards (once)
+        barrier()
+        shard_dir = prepare_shards(cfg, lambda m: None)   # now a no-op check on every rank
+        self.source = build_source(cfg, self.dp_rank, self.dp_size, shard_dir)
         self.eval_set = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval", d.min_frames)
-        self.sampler = EpochSampler(len(self.train_set), cfg.train.batch_size, d.seed)
         self.callbacks = callbacks if callbacks is not None else default_callbacks(cfg)
         self._stop_signal: Optional[int] = None
         self.step = 0
@@ -187,7 +189,7 @@ class Trainer:
     def save(self) -> Path:
         """Every rank writes its part into the temporary folder; the module's ``checkpoint_barrier``
         orders the manifest (rank 0) after all parts."""
-        trainer_state = {"sampler": self.sampler.state_dict(), "step": self.step, "rng": ckpt.rng_state(),
+        trainer_state = {"source": self.source.state_dict(), "step": self.step, "rng": ckpt.rng_state(),
                          "trainer_state": dict(self.state)}
 
         def write(tmp: Path) -> None:
@@ -212,7 +214,7 @@ class Trainer:
         path, manifest = found
         ckpt.check_layout(manifest, self._world())
         state = self.module.load_from(path)
-        self.sampler.load_state_dict(state["sampler"])
+        self.source.load_state_dict(state["source"])
         self.step = int(state["step"])
         self.state = dict(state.get("trainer_state", {}))
         ckpt.set_rng_state(state["rng"])
@@ -243,34 +245,24 @@ class Trainer:
         self.maybe_resume()
         self._emit("on_train_start")
         total = cfg.train.steps
-        # Index batches for the remaining steps, with the sampler state after each one, so the
-        # workers can prefetch ahead while checkpoints still record the exact position.
-        start_state = self.sampler.state_dict()
-        plan = []
-        for _ in range(self.step, total):
-            idx = self.sampler.next_batch()
-            plan.append((idx, self.sampler.state_dict()))
-        self.sampler.load_state_dict(start_state)
         ratio = 0.0 if cfg.model.stts.method == "none" else cfg.model.stts.prune_ratio
-        collate = _Collate(self.builder, ratio)
         # This data-parallel rank's share of each global batch (TP peers share a dp_rank, so they
-        # receive identical samples).
-        local = [idx[self.dp_rank::self.dp_size] for idx, _ in plan]
-        batches = prefetching_batches(self.train_set, local, collate, cfg.data.num_workers)
+        # receive identical samples), built ahead in loader workers, with the source state after
+        # each step so checkpoints record the exact position.
+        batches = self.source.batches(max(0, total - self.step), _Collate(self.builder, ratio))
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + self.step)
         status = "FAILED"
         last_eval: dict[str, float] = {}
         previous = self._install_signal_handlers()
         try:
             bar = _progress(cfg.train.progress_bar and self.is_rank0, self.step, total)
-            for (idx, sampler_state), batch in zip(plan, batches):
+            for batch, source_state in batches:
                 t0 = time.perf_counter()
                 if cfg.fault.fail_at_step == self.step and cfg.fault.fail_rank in (-1, self.rank):
                     raise InjectedFault(f"injected fault at step {self.step} on rank {self.rank} (cfg.fault)")
                 batch = batch.to(self.device)
                 metrics = self.module.train_step(batch, self.step, gen)
                 dt = time.perf_counter() - t0
-                self.sampler.load_state_dict(sampler_state)
                 metrics.update(step_time=dt, samples_per_s=batch.size / dt,
                                tokens_per_s=(metrics["vit_tokens_after"] + metrics["llm_tokens"]) * batch.size / dt)
                 if not math.isfinite(metrics["loss"]):

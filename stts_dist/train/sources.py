@@ -1,0 +1,115 @@
+"""Where training batches come from: one interface, several sources.
+
+- ``digits``      the moving-digits task generated in memory (fast unit tests, debugging);
+- ``digits_mp4``  the same videos written as real mp4 files + a manifest, sharded by Ray into
+                  WebDataset shards, read back by the data pipeline's loader (the full user path);
+- ``manifest``    a user's JSONL manifest of videos: sharded first (skipped when current);
+- ``shards``      an existing shard folder.
+
+Every source yields, per step, THIS data-parallel rank's share of the global batch, collated,
+together with the source state after that step, so a checkpoint records the exact position and
+a resumed run consumes exactly the samples the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
+
+SOURCES = ("digits", "digits_mp4", "manifest", "shards")
+
+
+class DigitsSource:
+    def __init__(self, cfg, dp_rank: int, dp_size: int):
+        d, m = cfg.data, cfg.model
+        self.dataset = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train",
+                                     d.min_frames)
+        self.sampler = EpochSampler(len(self.dataset), cfg.train.batch_size, d.seed)
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_workers = d.num_workers
+
+    def batches(self, num_steps: int, collate: Callable) -> Iterator[tuple[Any, dict]]:
+        start = self.sampler.state_dict()
+        plan = []
+        for _ in range(num_steps):
+            idx = self.sampler.next_batch()
+            plan.append((idx[self.dp_rank::self.dp_size], self.sampler.state_dict()))
+        self.sampler.load_state_dict(start)
+        for (_, state), batch in zip(plan, prefetching_batches(self.dataset, [p[0] for p in plan], collate,
+                                                                self.num_workers)):
+            self.sampler.load_state_dict(state)
+            yield batch, state
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class ShardSource:
+    """The data pipeline's ``VideoLoader`` over a shard folder (decoding in its workers)."""
+
+    def __init__(self, cfg, shard_dir: Path, dp_rank: int, dp_size: int):
+        from data_pipeline.loader import VideoLoader
+        d = cfg.data
+        self.local_batch = cfg.train.batch_size // dp_size
+        self.loader = VideoLoader({"datasets": [{"path": str(shard_dir)}], "seed": d.seed,
+                                   "num_workers": d.num_workers}, dp_rank=dp_rank, dp_size=dp_size)
+        if self.loader.steps_per_epoch(self.local_batch) == 0:
+            raise ValueError(f"{shard_dir} holds too few samples for a global batch of {cfg.train.batch_size} "
+                             f"over {dp_size} data-parallel ranks")
+
+    def batches(self, num_steps: int, collate: Callable) -> Iterator[tuple[Any, dict]]:
+        it = self.loader.iter_batches(self.local_batch, collate, epochs=None)
+        for _ in range(num_steps):
+            batch = next(it)
+            yield batch, self.loader.state_dict()
+        it.close()
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def sharding_overrides(cfg) -> dict:
+    """The sharding settings that must agree with the model that trains on the shards."""
+    m, d = cfg.model, cfg.data
+    return {"image_size": m.vit.image_size, "patch_size": m.vit.patch_size, "pool_size": m.connector.pool_size,
+            "prune_ratio": m.stts.prune_ratio if m.stts.method != "none" else 0.0,
+            "max_frames": d.num_frames, "fps": d.fps, "num_cpus": d.shard_cpus, "progress_bar": False}
+
+
+def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
+    """Rank 0 only: make sure the shard folder the run reads exists (write the synthetic mp4s,
+    shard with Ray). Returns the shard folder, or None for the in-memory source."""
+    d = cfg.data
+    if d.source == "digits":
+        return None
+    from data_pipeline.build_shards import ensure_shards
+    work = Path(d.work_dir)
+    if d.source == "shards":
+        return ensure_shards(d.path, d.path)
+    if d.source == "manifest":
+        return ensure_shards(d.path, work / "shards", sharding_overrides(cfg))
+    # digits_mp4: the complete user path on generated data
+    from data_pipeline.synth_digits import write_synthetic
+    tag = f"n{d.train_samples}_t{d.num_frames}_s{cfg.model.vit.image_size}_seed{d.seed}"
+    manifest = work / f"digits_mp4_{tag}" / "manifest.jsonl"
+    if not manifest.is_file():
+        log(f"[data] writing {d.train_samples} moving-digits mp4 clips to {manifest.parent}")
+        write_synthetic(manifest.parent, d.train_samples, d.num_frames, cfg.model.vit.image_size, d.seed,
+                        list(d.tasks), "train")
+    log(f"[data] sharding {manifest} with Ray (skipped when the shards are current)")
+    return ensure_shards(manifest, work / f"digits_shards_{tag}", sharding_overrides(cfg))
+
+
+def build_source(cfg, dp_rank: int, dp_size: int, shard_dir: Optional[Path]):
+    if cfg.data.source == "digits":
+        return DigitsSource(cfg, dp_rank, dp_size)
+    if shard_dir is None:
+        raise ValueError(f"data.source={cfg.data.source} needs its shard folder; call prepare_shards first")
+    return ShardSource(cfg, shard_dir, dp_rank, dp_size)
