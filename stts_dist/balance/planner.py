@@ -15,10 +15,14 @@ budgets (LLM tokens of the packed sequence, ViT frames). Method ``kk``:
    room the sample is deferred to the next step. If anything had to be deferred, greedy LPT
    (budget-aware, largest cost first into the lightest bin with room) is tried as the fallback
    and whichever defers fewer samples is kept.
-3. Pairwise refinement: the heaviest bins are paired with the lightest; in each pair the best
-   single move or swap (closest to half the gap, within budgets) is applied, all pairs at once.
-   Moves relax KK's equal counts, which is what lets a bin of images balance a bin of videos.
-4. Bins are sorted by load and cut into micro-steps of ``ranks`` bins, so the bins that run
+3. Pairwise refinement: bins grouped by the micro-step they will run in, heaviest paired with
+   lightest; in every pair at once the best single move or swap (closest to half the gap,
+   within budgets) is applied. Moves relax KK's equal counts, which is what lets a bin of
+   images balance a bin of videos.
+4. LPT fallback: plain LPT (vectorised, exact) is computed as well; the plan with fewer deferred
+   samples, then the shorter critical path, is kept (LPT tends to win when bins hold few,
+   similar samples; KK + refinement when there are many small ones).
+5. Bins are sorted by load and cut into micro-steps of ``ranks`` bins, so the bins that run
    together are the most alike; within a micro-step the ranks get them in a seeded order.
 
 All arithmetic on costs is integer (costs quantised to 2^30 levels per window), so every rank

@@ -60,6 +60,12 @@ class DistributedTrainModule:
     def barrier(self) -> None:
         dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank (one tiny all-reduce)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def _global_mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t, group=self.dp_group)

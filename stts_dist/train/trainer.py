@@ -138,9 +138,13 @@ def default_callbacks(cfg) -> list:
 
 
 class Trainer:
-    def __init__(self, cfg, callbacks: Optional[list] = None, module: Any = None, launch_method: str = "local"):
+    def __init__(self, cfg, callbacks: Optional[list] = None, module: Any = None, launch_method: Optional[str] = None):
+        import os
         self.cfg = cfg
-        self.launch_method = launch_method
+        # set by slurm/train.sh and the Ray launcher; torchrun sets WORLD_SIZE
+        self.launch_method = launch_method or os.environ.get(
+            "STTS_LAUNCHER", "torchrun" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local")
+        self.last_batch_ids: list[str] = []
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = default_tokenizer()
@@ -261,6 +265,7 @@ class Trainer:
                 if cfg.fault.fail_at_step == self.step and cfg.fault.fail_rank in (-1, self.rank):
                     raise InjectedFault(f"injected fault at step {self.step} on rank {self.rank} (cfg.fault)")
                 batch = batch.to(self.device)
+                self.last_batch_ids = list(batch.ids)
                 metrics = self.module.train_step(batch, self.step, gen)
                 dt = time.perf_counter() - t0
                 metrics.update(step_time=dt, samples_per_s=batch.size / dt,
@@ -277,12 +282,19 @@ class Trainer:
                     self.save()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
                     last_eval = self.evaluate()
-                if self._stop_signal is not None:
-                    self.log(f"[signal] {signal.Signals(self._stop_signal).name} received: checkpointing at step {self.step}")
+                stop = self._stop_signal is not None
+                any_rank = getattr(self.module, "any_rank", None)
+                if any_rank is not None:
+                    # signals reach ranks at slightly different times: agree on the step to stop
+                    # at, or ranks would meet in different collectives and hang
+                    stop = any_rank(stop)
+                if stop:
+                    sig = self._stop_signal or signal.SIGTERM
+                    self.log(f"[signal] {signal.Signals(sig).name} received: checkpointing at step {self.step}")
                     if self._saved_step != self.step:
                         self.save()
                     status = "KILLED"
-                    raise Preempted(f"stopped by {signal.Signals(self._stop_signal).name} at step {self.step}")
+                    raise Preempted(f"stopped by {signal.Signals(sig).name} at step {self.step}")
             if bar:
                 bar.close()
             if total > 0 and self._saved_step != self.step:
