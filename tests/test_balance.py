@@ -400,3 +400,9 @@ def test_sample_table_from_a_dataset_index_like_object():
     np.testing.assert_array_equal(table.index, [0, 1])
     np.testing.assert_array_equal(table.vit_patches_kept, [128, 64])
     np.testing.assert_array_equal(table.llm_tokens, [37, 22])
+
+
+def test_costs_are_quantised_to_integers_for_bit_identical_plans():
+    np.testing.assert_array_equal(quantize_costs(np.array([0.0, 1e15, 2.5e14])), [1, 1 << 30, 1 << 28])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        quantize_costs(np.array([1.0, -2.0]))
