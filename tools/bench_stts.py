@@ -14,6 +14,7 @@ re-executes itself with MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_ set to avoid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -54,9 +55,19 @@ def flop_ratio(cfg, model, batch_none, batch_pruned, out_pruned) -> float:
     return f0.total / f1.total
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_call(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -64,16 +75,19 @@ def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
     torch.manual_seed(0)
     tok = default_tokenizer()
     cfg.data.num_frames = frames
-    model = build_model(cfg.model, tok)
+    model = build_model(cfg.model, tok).to(DEVICE)
     builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size)
     samples = [make_sample(i, 0, frames, cfg.model.vit.image_size) for i in range(cfg.train.batch_size)]
     r = cfg.model.stts.prune_ratio
-    b_none, b_pruned = builder(samples, 0.0), builder(samples, r)
+    b_none, b_pruned = builder(samples, 0.0).to(DEVICE), builder(samples, r).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
+    # bf16 autocast on GPU (the production setting), fp32 on CPU
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if DEVICE.type == "cuda" else contextlib.nullcontext
 
     def train(method, batch):
-        out = model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
+        with amp():
+            out = model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -81,7 +95,8 @@ def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
 
     @torch.no_grad()
     def infer(method, batch):
-        return model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
+        with amp():
+            return model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
 
     # warm-up both paths (allocator, kernels)
     out_pruned = train("scorer", b_pruned)
@@ -101,10 +116,16 @@ def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
             times[f"infer_{key}"].append(time_call(lambda: infer(method, batch)))
         log(f"  T={frames} rep {rep}: " + " ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items()))
     med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {}
+    if DEVICE.type == "cuda":
+        for key, method, batch in (("none", "none", b_none), ("pruned", "scorer", b_pruned)):
+            torch.cuda.reset_peak_memory_stats()
+            train(method, batch)
+            peak[f"train_peak_mem_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
 
     # overhead of scorer + selection + key bias + packing, timed on the same tensors
     with torch.no_grad():
-        x = model.vit.blocks[0](model.vit(b_pruned.frames))
+        x = model.vit.blocks[0](model.vit(b_pruned.frames))   # features entering the scorer
     x.requires_grad_(True)
     grid, g = model.vit.grid, cfg.model.connector.pool_size
     layout = b_pruned.layout
@@ -128,6 +149,7 @@ def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
         "train_step_s_unpruned": med["train_none"], "train_step_s_pruned": med["train_pruned"],
         "prefill_s_unpruned": med["infer_none"], "prefill_s_pruned": med["infer_pruned"],
         "stts_overhead_fraction": ov / med["train_pruned"],
+        **peak,
     }
 
 
@@ -135,11 +157,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="jobs/bench_cpu.yaml")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast, synchronised timing)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     log = lambda m: print(m, file=sys.stderr, flush=True)
-    log(f"torch threads={torch.get_num_threads()} device=cpu config={args.config}")
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    log(f"device={name} config={args.config}")
     base = cfg.data.num_frames
     r1 = bench_frames(cfg.copy(), base, args.repeats, log)
     r2 = bench_frames(cfg.copy(), base * 2, args.repeats, log)
@@ -150,6 +176,7 @@ def main(argv=None) -> int:
     result["frames_2x"] = r2["frames"]
     result["prune_ratio"] = cfg.model.stts.prune_ratio
     result["repeats"] = args.repeats
+    result["device"] = name
     result = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
     print(f"T={r1['frames']}: train {r1['train_speedup']:.2f}x infer {r1['infer_speedup']:.2f}x "
           f"(FLOP ideal {r1['flop_ideal_speedup']:.2f}x), STTS overhead {100 * r1['stts_overhead_fraction']:.1f}% of a step")
