@@ -23,9 +23,10 @@ Two merges, in this order:
    untied head: dim 0, then the padding rows are cut off). Everything else is replicated and
    taken from TP rank 0.
 
-Loading is ``torch.load(weights_only=True)`` throughout: DeepSpeed's optimizer files pickle two
-small DeepSpeed classes (``ZeroStageEnum``, ``LossScaler``), which are allow-listed by name for
-those files only, after the manifest's sha256 checksums have been verified. No pickled code runs.
+Loading is ``torch.load(weights_only=True)`` throughout: DeepSpeed's optimizer files pickle a few
+small DeepSpeed data classes (``ZeroStageEnum``, ``LossScaler``, ZeRO-1/2's ``fragment_address``),
+which are allow-listed for those files only, after the manifest's sha256 checksums have been
+verified. No pickled code runs.
 """
 from __future__ import annotations
 
@@ -100,14 +101,16 @@ def _load_model_states(path: Path) -> dict:
 
 
 def _load_optim_states(path: Path) -> dict:
-    """weights_only=True plus the two DeepSpeed classes these files pickle (no code, just state)."""
+    """weights_only=True plus the DeepSpeed classes these files pickle: an enum, the loss scaler's
+    settings and (ZeRO-1/2) ``fragment_address``, a (numel, start) dataclass. Data only, no code."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     if not path.is_file():
         raise ConsolidationError(f"{path} is missing: the checkpoint lacks this rank's ZeRO optimizer partition")
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ConsolidationError(f"cannot read {path} with weights_only=True ({e}). A DeepSpeed version other than "
@@ -189,9 +192,11 @@ def _local_state(folder: Path, tp_rank: int, dp: int) -> tuple[dict[str, torch.T
     where = f"{ds} (tensor-parallel rank {tp_rank})"
     if stage == 3:
         shapes = {k: v for group in model_states["param_shapes"] for k, v in group.items()}
-        params = _merge_zero3(shapes, [o["fp32_flat_groups"] for o in optim], where)
+        # saved with requires_grad=True; detached so the merged tensors are plain data
+        params = _merge_zero3(shapes, [[t.detach() for t in o["fp32_flat_groups"]] for o in optim], where)
     elif stage in (1, 2):
-        params = _merge_zero12(model_states["param_shapes"], [o["single_partition_of_fp32_groups"] for o in optim],
+        params = _merge_zero12(model_states["param_shapes"],
+                               [[t.detach() for t in o["single_partition_of_fp32_groups"]] for o in optim],
                                optim[0].get("param_alignment_paddings"), where)
     else:
         raise ConsolidationError(f"{where}: ZeRO stage {stage} is not supported (1, 2 or 3)")

@@ -65,12 +65,28 @@ def _parallelize_llm(llm: LlamaLM) -> None:
     llm.gather_logits = gather_logits
 
 
+def _reduce_key_bias_grad_over_tp(attn: nn.Module) -> None:
+    """The STTS key bias is replicated on every TP rank but each rank adds it to its OWN heads
+    only, so its gradient (the LM loss's path to the scorer) is partial per rank. Route it
+    through megatron's copy region: identity forward, all-reduce over TP in backward."""
+    forward = attn.forward
+
+    def forward_with_tp_key_bias(x, plan=None, key_bias=None):
+        if key_bias is not None:
+            from megatron.core import tensor_parallel as mtp
+            key_bias = mtp.copy_to_tensor_model_parallel_region(key_bias)
+        return forward(x, plan, key_bias)
+
+    attn.forward = forward_with_tp_key_bias
+
+
 def parallelize_vlm(model: VideoVLM) -> VideoVLM:
     """In place; requires ``initialize_parallel`` first. Also correct (and a no-op numerically)
     at TP=1, so every distributed run uses the same code path."""
     for block in model.vit.blocks:
         for path, kind in _VIT_PLAN:
             _swap(block, path, kind)
+        _reduce_key_bias_grad_over_tp(block.attn)
     _parallelize_llm(model.llm)
     return model
 

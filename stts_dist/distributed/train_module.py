@@ -100,11 +100,31 @@ class DistributedTrainModule:
         ckpt.save_torch(trainer_state, folder / f"trainer_rank{self.rank:05d}.pt")
 
     def load_from(self, folder: Path) -> dict:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        # DeepSpeed's TorchCheckpointEngine unpickles with weights_only=False: a crafted checkpoint
+        # would run code on resume. Its reads go through weights_only=True instead.
+        engine_load = self.engine.checkpoint_engine.load
+        self.engine.checkpoint_engine.load = _load_deepspeed_file_weights_only
+        try:
+            path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            self.engine.checkpoint_engine.load = engine_load
         if path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {folder}/{DS_TAG}")
         own = folder / f"trainer_rank{self.rank:05d}.pt"
         if not own.is_file():
             raise ckpt.CheckpointError(f"checkpoint {folder} has no state for rank {self.rank} ({own.name})")
         return ckpt.load_torch(own)
+
+
+def _load_deepspeed_file_weights_only(path: str, map_location=None):
+    """``torch.load(weights_only=True)`` allowing only the small DeepSpeed data classes that its
+    ZeRO optimizer files pickle (stage enum, loss scalers, fragment addresses: no code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ckpt.CheckpointError(f"cannot load {path} safely (weights_only=True): {e}") from e
