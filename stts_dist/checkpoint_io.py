@@ -21,7 +21,7 @@ import torch
 
 from stts_dist.config import ConfigError, load_config
 from stts_dist.model.vlm import VideoVLM, build_model
-from stts_dist.tokenizer import WordTokenizer
+from stts_dist.tokenizer import tokenizer_from_json
 from stts_dist.train import checkpoint as ckpt
 
 STATE_FILE = "state.pt"
@@ -95,7 +95,7 @@ def check_weights_match(model: torch.nn.Module, weights: dict[str, torch.Tensor]
 
 
 def load_checkpoint(path: str | Path, overrides: Optional[Sequence[str]] = None, device: str | torch.device = "cpu",
-                    verify: bool = True) -> tuple[Any, WordTokenizer, VideoVLM]:
+                    verify: bool = True) -> tuple[Any, Any, VideoVLM]:
     """``(cfg, tokenizer, model)`` from a trained checkpoint; the model is in eval mode on ``device``.
 
     ``overrides``: dotted config keys applied on top of the saved config (e.g.
@@ -116,7 +116,7 @@ def load_checkpoint(path: str | Path, overrides: Optional[Sequence[str]] = None,
         raise CheckpointLoadError(f"checkpoint {step_dir}: its {CONFIG_FILE} does not load with this version of "
                                   f"stts_dist ({e})") from None
     try:
-        tokenizer = WordTokenizer.from_json((step_dir / TOKENIZER_FILE).read_text())
+        tokenizer = tokenizer_from_json((step_dir / TOKENIZER_FILE).read_text())
     except ValueError as e:
         raise CheckpointLoadError(f"checkpoint {step_dir}: {TOKENIZER_FILE} is unreadable ({e})") from None
     weights = _model_state(ckpt.load_torch(step_dir / STATE_FILE), step_dir / STATE_FILE)

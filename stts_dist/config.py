@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -35,6 +37,7 @@ class ViTConfig:
     mlp_dim: int = 512
     in_channels: int = 3
     layer_norm_eps: float = 1e-6
+    gelu: str = "tanh"            # tanh (SigLIP) | exact (DINOv2)
 
 
 @dataclass
@@ -77,11 +80,21 @@ class STTSConfig:
 
 
 @dataclass
+class PretrainedConfig:
+    """Hugging Face folders to start from ("" = random init); the scorer is always new."""
+    llm_path: str = ""
+    vit_path: str = ""
+    tokenizer_path: str = ""      # "" = llm_path's tokenizer when llm_path is set, else the task's words
+    allow_activation_mismatch: bool = False
+
+
+@dataclass
 class ModelConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     stts: STTSConfig = field(default_factory=STTSConfig)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
 
 
 @dataclass
@@ -114,6 +127,10 @@ class OptimConfig:
     scorer_lr: float = 1e-3
     scorer_warmup_steps: int = 100
     grad_clip: float = 1.0
+    llm_lr: float = 0.0           # per-component learning rates; 0 = optim.lr
+    vit_lr: float = 0.0
+    connector_lr: float = 0.0
+    freeze: list[str] = field(default_factory=list)   # parameter-name prefixes not trained, e.g. [vit]
 
 
 @dataclass
@@ -166,6 +183,19 @@ class FaultConfig:
 
 
 @dataclass
+class BalanceConfig:
+    """``cfg.balance``: pruning-aware token balancing across data-parallel ranks (docs/balancing.md).
+
+    Every rank plans each step from index metadata alone and runs one micro-batch (one packed
+    sequence) per step; samples that do not fit a budget are deferred to the next step."""
+    enabled: bool = False
+    method: str = "kk"                  # kk | lpt | naive (naive: sample i -> rank i mod DP)
+    max_llm_tokens_per_micro: int = 0   # LLM tokens of one rank's packed sequence; 0 = unbounded
+    max_vit_frames_per_micro: int = 0   # frames one rank's ViT runs per step; 0 = unbounded
+    window: int = 0                     # new candidate samples per step; 0 = train.batch_size
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,6 +205,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +263,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
             raise _wrap(e, schema, str(p)) from e
+        keep_values_literal(cfg, str(p))
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' must look like key=value, e.g. train.steps=100")
@@ -241,9 +273,48 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             cfg = OmegaConf.merge(cfg, parsed)
         except OmegaConfBaseException as e:
             raise _wrap(e, schema, f"override '{ov}'") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{ov}': the value is not valid YAML ({str(e).splitlines()[0]})") from e
+        keep_values_literal(cfg, f"override '{ov}'")
     OmegaConf.set_readonly(cfg, False)
     validate(cfg)
     return cfg  # type: ignore[return-value]
+
+
+_INTERPOLATION_START = re.compile(r"(\\*)\$\{")
+
+
+def _literal(text: str) -> str:
+    """OmegaConf's spelling of the literal ``text``: every ``${`` escaped (backslashes before it
+    doubled), so reading the value gives ``text`` back and nothing is resolved."""
+    return _INTERPOLATION_START.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
+
+
+def _has_interpolation(text: str) -> bool:
+    """An unescaped ``${`` (preceded by an even number of backslashes) starts an interpolation."""
+    return any(len(m.group(1)) % 2 == 0 for m in _INTERPOLATION_START.finditer(text))
+
+
+def keep_values_literal(node: Any, where: str, prefix: str = "") -> None:
+    """Config values are data, never resolved: an interpolation such as ``${oc.env:HOME}`` in a
+    string field is kept as that text (so no resolver -- environment reads included -- ever runs,
+    and a bad one cannot fail later); in a typed field it is a wrong type; ``???`` is an error."""
+    from omegaconf import AnyNode, ListConfig, StringNode
+
+    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+    for k in keys:
+        child = node._get_node(k)
+        name = f"{prefix}{k}" if isinstance(node, DictConfig) else f"{prefix.rstrip('.')}[{k}]"
+        raw = child._value()
+        if raw == "???":
+            raise ConfigError(f"{where}: config key '{name}' has no value ('???'); set it")
+        if isinstance(raw, str) and _has_interpolation(raw):
+            if not isinstance(child, (StringNode, AnyNode)):
+                raise ConfigError(f"{where}: wrong type for config key '{name}': '{raw}' is an interpolation; config "
+                                  "values are never resolved, so write the value itself")
+            node[k] = _literal(raw)
+        elif isinstance(child, (DictConfig, ListConfig)) and raw is not None:
+            keep_values_literal(child, where, name + ".")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -255,6 +326,10 @@ def validate(cfg: Any) -> None:
     """Semantic checks that types alone cannot express."""
     m = cfg.model
     s = m.stts
+    for key, n in (("model.vit.image_size", m.vit.image_size), ("model.vit.patch_size", m.vit.patch_size),
+                   ("model.vit.heads", m.vit.heads), ("model.llm.heads", m.llm.heads),
+                   ("model.llm.kv_heads", m.llm.kv_heads), ("model.connector.pool_heads", m.connector.pool_heads)):
+        _check(n >= 1, f"{key}={n} must be >= 1")
     _check(s.method in PRUNE_METHODS,
            f"model.stts.method='{s.method}' is not one of {PRUNE_METHODS}")
     _check(0.0 <= s.prune_ratio < 1.0,
@@ -266,6 +341,7 @@ def validate(cfg: Any) -> None:
            "the scorer needs one block after it for the key bias")
     _check(m.vit.image_size % m.vit.patch_size == 0,
            f"model.vit.image_size={m.vit.image_size} must be divisible by model.vit.patch_size={m.vit.patch_size}")
+    _check(m.vit.gelu in ("tanh", "exact"), f"model.vit.gelu='{m.vit.gelu}' must be tanh or exact")
     _check(m.vit.width % m.vit.heads == 0, f"model.vit.width={m.vit.width} must be divisible by model.vit.heads={m.vit.heads}")
     _check(m.llm.hidden % m.llm.heads == 0, f"model.llm.hidden={m.llm.hidden} must be divisible by model.llm.heads={m.llm.heads}")
     _check(m.llm.heads % m.llm.kv_heads == 0, f"model.llm.heads={m.llm.heads} must be divisible by model.llm.kv_heads={m.llm.kv_heads}")
@@ -307,6 +383,18 @@ def validate(cfg: Any) -> None:
     for what, n in (("model.llm.heads", m.llm.heads), ("model.llm.kv_heads", m.llm.kv_heads),
                     ("model.vit.heads", m.vit.heads), ("model.llm.ffn", m.llm.ffn), ("model.vit.mlp_dim", m.vit.mlp_dim)):
         _check(n % tp == 0, f"{what}={n} must be divisible by parallel.tensor_parallel={tp}")
+    b = cfg.balance
+    from stts_dist.balance.planner import METHODS as BALANCE_METHODS
+    _check(b.method in BALANCE_METHODS, f"balance.method='{b.method}' must be one of {BALANCE_METHODS}")
+    for key in ("max_llm_tokens_per_micro", "max_vit_frames_per_micro", "window"):
+        _check(getattr(b, key) >= 0, f"balance.{key}={getattr(b, key)} must be >= 0 (0 = "
+               + ("train.batch_size)" if key == "window" else "unbounded)"))
+    if b.enabled:
+        _check(par.grad_accum_steps == 1, f"balance.enabled=true runs one micro-batch per rank per step; "
+               f"parallel.grad_accum_steps={par.grad_accum_steps} must be 1 (raise balance.window instead)")
+        _check(b.max_vit_frames_per_micro == 0 or b.max_vit_frames_per_micro >= d.num_frames,
+               f"balance.max_vit_frames_per_micro={b.max_vit_frames_per_micro} is below data.num_frames="
+               f"{d.num_frames}: the longest video would never fit; raise it to >= {d.num_frames} or use 0")
     tr = cfg.tracking
     _check(tr.log_every >= 1, f"tracking.log_every={tr.log_every} must be >= 1")
     if tr.enabled:

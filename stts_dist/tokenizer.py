@@ -61,3 +61,23 @@ def default_tokenizer() -> WordTokenizer:
     from stts_dist.data.digits import vocabulary
     extra = [str(i) for i in range(10)] + "yes no left right up down top bottom the a is what which how many".split()
     return WordTokenizer(vocabulary() + extra)
+
+
+def build_tokenizer(cfg) -> "Tokenizer":
+    """The run's tokenizer: a pretrained LLM's own (``model.pretrained.tokenizer_path``, else
+    ``llm_path``) when one is configured, else the word vocabulary of the built-in task."""
+    pre = cfg.model.pretrained
+    path = pre.tokenizer_path or pre.llm_path
+    if path:
+        from stts_dist.weights.hf_tokenizer import HFTokenizer
+        return HFTokenizer.from_folder(path)
+    return default_tokenizer()
+
+
+def tokenizer_from_json(blob: str) -> "Tokenizer":
+    """Inverse of ``tokenizer.to_json()`` for every tokenizer type this project writes."""
+    kind = json.loads(blob).get("type")
+    if kind == "hf":
+        from stts_dist.weights.hf_tokenizer import HFTokenizer
+        return HFTokenizer.from_json(blob)
+    return WordTokenizer.from_json(blob)

@@ -43,7 +43,7 @@ from stts_dist.checkpoint_io import (CONFIG_FILE, TOKENIZER_FILE, CheckpointLoad
                                      resolve_checkpoint_dir)
 from stts_dist.config import load_config
 from stts_dist.model.vlm import VideoVLM, build_model
-from stts_dist.tokenizer import WordTokenizer
+from stts_dist.tokenizer import tokenizer_from_json
 from stts_dist.train import checkpoint as ckpt
 
 DS_FOLDER = "deepspeed"          # stts_dist.distributed.train_module.DS_TAG (not imported: that pulls megatron)
@@ -224,7 +224,7 @@ class Consolidated:
 def _expected_model(step_dir: Path) -> VideoVLM:
     """The single-process model of the checkpoint's config, on the meta device (no memory)."""
     cfg = load_config(step_dir / CONFIG_FILE)
-    tokenizer = WordTokenizer.from_json((step_dir / TOKENIZER_FILE).read_text())
+    tokenizer = tokenizer_from_json((step_dir / TOKENIZER_FILE).read_text())
     with torch.device("meta"):
         return build_model(cfg.model, tokenizer)
 
@@ -323,7 +323,7 @@ def load_consolidated(path: str | Path, device: str | torch.device = "cpu"):
             raise CheckpointLoadError(f"{p} is missing; tools/consolidate_checkpoint.py writes the weights and copies "
                                       f"{CONFIG_FILE} and {TOKENIZER_FILE} into the same folder")
     cfg = load_config(path.parent / CONFIG_FILE)
-    tokenizer = WordTokenizer.from_json((path.parent / TOKENIZER_FILE).read_text())
+    tokenizer = tokenizer_from_json((path.parent / TOKENIZER_FILE).read_text())
     weights = load_file(str(path))
     model = build_model(cfg.model, tokenizer)
     check_weights_match(model, weights, str(path))

@@ -47,6 +47,8 @@ class DistributedTrainModule:
         torch.manual_seed(cfg.train.seed)          # identical full weights on every rank
         model = build_model(cfg.model, tokenizer)
         parallelize_vlm(model)
+        from stts_dist.train.trainer import load_pretrained_weights
+        load_pretrained_weights(model, cfg)      # each TP rank copies only its slices
         model.to(self.device)
         optimizer = build_optimizer(model, cfg.optim)
         settings = DeepSpeedSettings.from_run_config(cfg, data_parallel=self.dp_size,
@@ -88,7 +90,7 @@ class DistributedTrainModule:
         aux = self._global_mean(float(out.aux_loss.detach()))
         m = {"loss": lm + w * aux, "lm_loss": lm, "aux_loss": aux,
              "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
-             "lr": lrs.get("main", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
+             "lr": lrs.get("llm", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
         m.update(out.metrics)
         return m
 

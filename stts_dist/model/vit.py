@@ -44,22 +44,23 @@ class ViTAttention(nn.Module):
 
 
 class ViTMLP(nn.Module):
-    def __init__(self, width: int, mlp_dim: int):
+    def __init__(self, width: int, mlp_dim: int, approximate: str = "tanh"):
         super().__init__()
+        self.approximate = approximate   # "tanh" (SigLIP) or "none" (exact erf GELU, DINOv2)
         self.fc1 = nn.Linear(width, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float):
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, approximate: str = "tanh"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = ViTAttention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = ViTMLP(width, mlp_dim)
+        self.mlp = ViTMLP(width, mlp_dim, approximate)
 
     def forward(self, x: torch.Tensor, plan: Optional[VarlenPlan] = None,
                 key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -73,7 +74,7 @@ class VideoViT(nn.Module):
     between them."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_dim: int, in_channels: int = 3, eps: float = 1e-6):
+                 mlp_dim: int, in_channels: int = 3, eps: float = 1e-6, gelu: str = "tanh"):
         super().__init__()
         self.patch_size = patch_size
         self.grid = image_size // patch_size
@@ -82,7 +83,8 @@ class VideoViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.ModuleList(ViTBlock(width, heads, mlp_dim, eps) for _ in range(depth))
+        approximate = {"tanh": "tanh", "exact": "none"}[gelu]
+        self.blocks = nn.ModuleList(ViTBlock(width, heads, mlp_dim, eps, approximate) for _ in range(depth))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """Patch embedding: frames (F, C, H, W) -> (F, N, D). Absolute positions are added here,

@@ -1,8 +1,8 @@
 """Optimizer parameter groups and learning-rate schedules.
 
 The scorer is new in every run (also when the rest is pretrained), so it has its own group with
-its own learning rate and warm-up. Norms, biases, embeddings and position embeddings get no
-weight decay.
+its own learning rate and warm-up; the LLM, ViT and connector may have their own learning rates
+and be frozen. Norms, biases, embeddings and position embeddings get no weight decay.
 """
 from __future__ import annotations
 
@@ -13,19 +13,10 @@ import torch.nn as nn
 
 
 def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
-    groups: dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        kind = "scorer" if name.startswith("scorer.") else "main"
-        no_decay = p.ndim < 2 or "embed" in name or "norm" in name
-        key = f"{kind}{'_nodecay' if no_decay else ''}"
-        if key not in groups:
-            groups[key] = {"params": [], "name": key, "kind": kind,
-                           "lr": optim_cfg.scorer_lr if kind == "scorer" else optim_cfg.lr,
-                           "weight_decay": 0.0 if no_decay else optim_cfg.weight_decay}
-        groups[key]["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+    """Per-component groups (llm, vit, connector, scorer) x (decay, no decay), with freezing;
+    see ``stts_dist.weights.finetune.finetune_param_groups``."""
+    from stts_dist.weights.finetune import finetune_param_groups
+    return finetune_param_groups(model, optim_cfg)
 
 
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
@@ -49,7 +40,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, total: int, 
     """Sets every group's lr for ``step``; the scorer group uses its own warm-up. Returns the lrs."""
     out = {}
     for g in optimizer.param_groups:
-        warm = optim_cfg.scorer_warmup_steps if g.get("kind") == "scorer" else optim_cfg.warmup_steps
+        warm = g.get("warmup_steps", optim_cfg.warmup_steps)
         g["lr"] = g["base_lr"] * lr_factor(step, total, warm, optim_cfg.min_lr_ratio)
-        out[g.get("kind", "main")] = g["lr"]
+        out[g.get("kind", "llm")] = g["lr"]
     return out

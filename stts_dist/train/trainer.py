@@ -16,7 +16,7 @@ from stts_dist.config import config_hash, to_yaml
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import evaluate
 from stts_dist.model.vlm import VideoVLM, build_model
-from stts_dist.tokenizer import default_tokenizer
+from stts_dist.tokenizer import build_tokenizer
 from stts_dist.train import checkpoint as ckpt
 from stts_dist.train.data import DigitsDataset
 from stts_dist.train.sources import build_source, prepare_shards
@@ -57,7 +57,7 @@ class LocalTrainModule:
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
         m = {"loss": float(out.loss.detach()), "lm_loss": float(out.lm_loss.detach()), "aux_loss": float(out.aux_loss.detach()),
-             "grad_norm": float(gnorm), "lr": lrs.get("main", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
+             "grad_norm": float(gnorm), "lr": lrs.get("llm", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
         m.update(out.metrics)
         return m
 
@@ -114,6 +114,15 @@ class InjectedFault(RuntimeError):
     """A deliberate failure requested by cfg.fault (drills and tests)."""
 
 
+def load_pretrained_weights(model, cfg) -> None:
+    """Hugging Face LLM / ViT weights into a built (and, under TP, parallelized) model; the
+    connector and the scorer keep their fresh init."""
+    pre = cfg.model.pretrained
+    if pre.llm_path or pre.vit_path:
+        from stts_dist.weights.finetune import load_pretrained
+        load_pretrained(model, pre)
+
+
 def build_train_module(cfg, tokenizer, device: torch.device):
     """Single-process torch, or DeepSpeed ZeRO + megatron TP when launched on several ranks
     (torchrun / srun / Ray set WORLD_SIZE) or when parallel.engine=deepspeed."""
@@ -124,16 +133,23 @@ def build_train_module(cfg, tokenizer, device: torch.device):
     if engine == "local":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("parallel.engine=local cannot run on several ranks; use parallel.engine=auto or deepspeed")
-        return LocalTrainModule(build_model(cfg.model, tokenizer), cfg, device)
+        model = build_model(cfg.model, tokenizer)
+        load_pretrained_weights(model, cfg)
+        return LocalTrainModule(model, cfg, device)
     from stts_dist.distributed.train_module import DistributedTrainModule
     return DistributedTrainModule(cfg, tokenizer)
 
 
 def default_callbacks(cfg) -> list:
     cbs: list = [ConsoleLogger(cfg.train.log_every)]
+    if cfg.balance.enabled:
+        from stts_dist.train.balance_callback import BalanceLogger
+        cbs.append(BalanceLogger(cfg.train.log_every))
     if cfg.tracking.enabled:
         from stts_dist.tracking.mlflow_callback import MLflowCallback
         cbs.append(MLflowCallback(cfg.tracking))
+    from stts_dist.faults import sample_log_callbacks
+    cbs.extend(sample_log_callbacks())   # STTS_SAMPLE_LOG=path: per-step sample ids (tools/fault_drill.py)
     return cbs
 
 
@@ -147,7 +163,7 @@ class Trainer:
         self.last_batch_ids: list[str] = []
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
-        self.tokenizer = default_tokenizer()
+        self.tokenizer = build_tokenizer(cfg)
         self.module = module or build_train_module(cfg, self.tokenizer, self.device)
         self.model: VideoVLM = self.module.model
         self.rank = getattr(self.module, "rank", 0)
@@ -267,6 +283,7 @@ class Trainer:
                 batch = batch.to(self.device)
                 self.last_batch_ids = list(batch.ids)
                 metrics = self.module.train_step(batch, self.step, gen)
+                metrics.update(getattr(self.source, "last_metrics", None) or {})   # e.g. balance/*
                 dt = time.perf_counter() - t0
                 metrics.update(step_time=dt, samples_per_s=batch.size / dt,
                                tokens_per_s=(metrics["vit_tokens_after"] + metrics["llm_tokens"]) * batch.size / dt)
