@@ -7,15 +7,14 @@ and wrong types are errors that name the key and the closest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
-from stts_dist.config import ConfigError
+from stts_dist.config import ConfigError, load_structured, wrap_config_error
 
 FRAME_FORMATS = ("jpeg", "npy")
 
@@ -66,45 +65,6 @@ class LoaderConfig:
     worker_start_method: str = "fork"  # fork | forkserver | spawn
     frames_dtype: str = "uint8"        # uint8 (T,H,W,3) | float32 scaled to [0, 1]
     on_corrupt: str = "error"          # error | skip (replace with the next readable sample, counted)
-
-
-def _closest(key: str, schema: Any) -> str:
-    keys = [str(k) for k in OmegaConf.to_container(schema).keys()]  # type: ignore[union-attr]
-    best = difflib.get_close_matches(key.split(".")[-1], keys, n=1, cutoff=0.5)
-    return best[0] if best else "(none close)"
-
-
-def _wrap(exc: OmegaConfBaseException, schema: Any, where: str) -> ConfigError:
-    key = str(getattr(exc, "full_key", "") or "")
-    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc):
-        return ConfigError(f"{where}: unknown key '{key}'. Did you mean '{_closest(key, schema)}'? "
-                           f"(see data_pipeline/config.py)")
-    if isinstance(exc, ValidationError):
-        return ConfigError(f"{where}: wrong type for key '{key}': {str(exc.msg).splitlines()[0]}")
-    return ConfigError(f"{where}: {exc}")
-
-
-def load_structured(schema_cls: type, path: Optional[str | Path] = None,
-                    overrides: Optional[list[str]] = None) -> Any:
-    """YAML file + ``key=value`` overrides merged onto ``schema_cls``; returns the typed config."""
-    schema = OmegaConf.structured(schema_cls)
-    cfg = schema
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}; pass an existing YAML, e.g. jobs/build_shards.yaml")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
-        except OmegaConfBaseException as e:
-            raise _wrap(e, schema, str(p)) from None
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}' must look like key=value, e.g. out_dir=/data/shards")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
-        except OmegaConfBaseException as e:
-            raise _wrap(e, schema, f"override '{ov}'") from None
-    return cfg
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -160,7 +120,7 @@ def _merged(schema_cls: type, cfg: Any, where: str) -> Any:
     try:
         return OmegaConf.merge(schema, cfg)
     except OmegaConfBaseException as e:
-        raise _wrap(e, schema, where) from None
+        raise wrap_config_error(e, schema, where) from None
 
 
 def as_sharding_config(cfg: Any) -> ShardingConfig:

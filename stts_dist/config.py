@@ -230,7 +230,8 @@ def _closest(key: str, schema: DictConfig) -> str:
     return best[0] if best else "(none close; see stts_dist/config.py)"
 
 
-def _wrap(exc: OmegaConfBaseException, schema: DictConfig, where: str) -> ConfigError:
+def wrap_config_error(exc: OmegaConfBaseException, schema: DictConfig, where: str) -> ConfigError:
+    """An OmegaConf merge error as a ConfigError naming the key (and the closest valid key)."""
     key = getattr(exc, "full_key", None) or ""
     if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
         return ConfigError(f"{where}: unknown config key '{key}'. Did you mean '{_closest(key, schema)}'?")
@@ -244,14 +245,14 @@ def _wrap(exc: OmegaConfBaseException, schema: DictConfig, where: str) -> Config
     return ConfigError(f"{where}: {exc}")
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
-                schema_cls: type = RunConfig) -> RunConfig:
-    """Load ``path`` (YAML) onto the structured schema, apply dotted overrides, validate.
-
-    Returns a typed OmegaConf object that behaves like a ``RunConfig``."""
+def load_structured(schema_cls: type, path: Optional[str | Path] = None,
+                    overrides: Optional[list[str]] = None) -> Any:
+    """YAML ``path`` merged onto the structured ``schema_cls``, then dotted ``key=value``
+    overrides. Unknown keys and wrong types raise ConfigError naming the key (and the closest
+    valid one). Shared by every typed config of the project (runs, sharding jobs, loaders)."""
     schema = OmegaConf.structured(schema_cls)
     cfg = schema
-    if path is not None:
+    if path is not None and str(path):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}. Pass an existing YAML file, e.g. jobs/default.yaml")
@@ -262,59 +263,25 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
-            raise _wrap(e, schema, str(p)) from e
-        keep_values_literal(cfg, str(p))
+            raise wrap_config_error(e, schema, str(p)) from e
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' must look like key=value, e.g. train.steps=100")
         key, value = ov.split("=", 1)
         try:
-            parsed = OmegaConf.from_dotlist([f"{key}={value}"])
-            cfg = OmegaConf.merge(cfg, parsed)
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as e:
-            raise _wrap(e, schema, f"override '{ov}'") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{ov}': the value is not valid YAML ({str(e).splitlines()[0]})") from e
-        keep_values_literal(cfg, f"override '{ov}'")
+            raise wrap_config_error(e, schema, f"override '{ov}'") from e
     OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """A run: ``path`` (YAML under jobs/) onto :class:`RunConfig`, overrides, then :func:`validate`.
+    Returns a typed OmegaConf object that behaves like a ``RunConfig``."""
+    cfg = load_structured(RunConfig, path, overrides)
     validate(cfg)
     return cfg  # type: ignore[return-value]
-
-
-_INTERPOLATION_START = re.compile(r"(\\*)\$\{")
-
-
-def _literal(text: str) -> str:
-    """OmegaConf's spelling of the literal ``text``: every ``${`` escaped (backslashes before it
-    doubled), so reading the value gives ``text`` back and nothing is resolved."""
-    return _INTERPOLATION_START.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
-
-
-def _has_interpolation(text: str) -> bool:
-    """An unescaped ``${`` (preceded by an even number of backslashes) starts an interpolation."""
-    return any(len(m.group(1)) % 2 == 0 for m in _INTERPOLATION_START.finditer(text))
-
-
-def keep_values_literal(node: Any, where: str, prefix: str = "") -> None:
-    """Config values are data, never resolved: an interpolation such as ``${oc.env:HOME}`` in a
-    string field is kept as that text (so no resolver -- environment reads included -- ever runs,
-    and a bad one cannot fail later); in a typed field it is a wrong type; ``???`` is an error."""
-    from omegaconf import AnyNode, ListConfig, StringNode
-
-    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
-    for k in keys:
-        child = node._get_node(k)
-        name = f"{prefix}{k}" if isinstance(node, DictConfig) else f"{prefix.rstrip('.')}[{k}]"
-        raw = child._value()
-        if raw == "???":
-            raise ConfigError(f"{where}: config key '{name}' has no value ('???'); set it")
-        if isinstance(raw, str) and _has_interpolation(raw):
-            if not isinstance(child, (StringNode, AnyNode)):
-                raise ConfigError(f"{where}: wrong type for config key '{name}': '{raw}' is an interpolation; config "
-                                  "values are never resolved, so write the value itself")
-            node[k] = _literal(raw)
-        elif isinstance(child, (DictConfig, ListConfig)) and raw is not None:
-            keep_values_literal(child, where, name + ".")
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -77,9 +77,9 @@ def test_cap_per_task_keeps_first_n_in_order(tmp_path):
 
 
 def test_sharding_config_errors_name_key():
-    with pytest.raises(ConfigError, match="unknown key 'fpss'. Did you mean 'fps'"):
+    with pytest.raises(ConfigError, match="unknown config key 'fpss'. Did you mean 'fps'"):
         load_sharding_config(None, ["manifest=m", "out_dir=o", "fpss=2"])
-    with pytest.raises(ConfigError, match="wrong type for key 'max_frames'"):
+    with pytest.raises(ConfigError, match="wrong type for config key 'max_frames'"):
         load_sharding_config(None, ["manifest=m", "out_dir=o", "max_frames=many"])
     with pytest.raises(ConfigError, match="frame_format='png' must be one of"):
         load_sharding_config(None, ["manifest=m", "out_dir=o", "frame_format=png"])

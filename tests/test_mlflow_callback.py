@@ -26,12 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 LOGGER = "stts_dist.tracking.mlflow_callback"
 
 
-@dataclass
-class RunWithTracking(RunConfig):
-    """The RunConfig as the trainer will mount it: tracking settings at cfg.tracking."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict[str, str]:
     """One SQLite store for the module (creating its tables takes seconds)."""
@@ -45,8 +39,7 @@ def make_trainer(store: dict[str, str], experiment: str, *overrides: str, rank0:
                  state: dict | None = None, launch: str = "torchrun") -> SimpleNamespace:
     cfg = load_config(None, [f"tracking.tracking_uri={store['uri']}",
                              f"tracking.artifact_location={store['artifacts']}",
-                             f"tracking.experiment={experiment}", "tracking.log_every=5", *overrides],
-                      schema_cls=RunWithTracking)
+                             f"tracking.experiment={experiment}", "tracking.log_every=5", *overrides])
     return SimpleNamespace(cfg=cfg, is_rank0=rank0, state={} if state is None else state, launch_method=launch)
 
 
