@@ -245,6 +245,42 @@ def wrap_config_error(exc: OmegaConfBaseException, schema: DictConfig, where: st
     return ConfigError(f"{where}: {exc}")
 
 
+_INTERPOLATION_START = re.compile(r"(\\*)\$\{")
+
+
+def _literal(text: str) -> str:
+    """OmegaConf's spelling of the literal ``text``: every ``${`` escaped (backslashes before it
+    doubled), so reading the value gives ``text`` back and nothing is resolved."""
+    return _INTERPOLATION_START.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
+
+
+def _has_interpolation(text: str) -> bool:
+    """An unescaped ``${`` (preceded by an even number of backslashes) starts an interpolation."""
+    return any(len(m.group(1)) % 2 == 0 for m in _INTERPOLATION_START.finditer(text))
+
+
+def keep_values_literal(node: Any, where: str, prefix: str = "") -> None:
+    """Config values are data, never resolved: an interpolation such as ``${oc.env:HOME}`` in a
+    string field is kept as that text (so no resolver -- environment reads included -- ever runs,
+    and a bad one cannot fail later); in a typed field it is a wrong type; ``???`` is an error."""
+    from omegaconf import AnyNode, ListConfig, StringNode
+
+    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+    for k in keys:
+        child = node._get_node(k)
+        name = f"{prefix}{k}" if isinstance(node, DictConfig) else f"{prefix.rstrip('.')}[{k}]"
+        raw = child._value()
+        if raw == "???":
+            raise ConfigError(f"{where}: config key '{name}' has no value ('???'); set it")
+        if isinstance(raw, str) and _has_interpolation(raw):
+            if not isinstance(child, (StringNode, AnyNode)):
+                raise ConfigError(f"{where}: wrong type for config key '{name}': '{raw}' is an interpolation; config "
+                                  "values are never resolved, so write the value itself")
+            node[k] = _literal(raw)
+        elif isinstance(child, (DictConfig, ListConfig)) and raw is not None:
+            keep_values_literal(child, where, name + ".")
+
+
 def load_structured(schema_cls: type, path: Optional[str | Path] = None,
                     overrides: Optional[list[str]] = None) -> Any:
     """YAML ``path`` merged onto the structured ``schema_cls``, then dotted ``key=value``
@@ -264,6 +300,7 @@ def load_structured(schema_cls: type, path: Optional[str | Path] = None,
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
             raise wrap_config_error(e, schema, str(p)) from e
+        keep_values_literal(cfg, str(p))
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' must look like key=value, e.g. train.steps=100")
@@ -272,6 +309,9 @@ def load_structured(schema_cls: type, path: Optional[str | Path] = None,
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as e:
             raise wrap_config_error(e, schema, f"override '{ov}'") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{ov}': the value is not valid YAML ({str(e).splitlines()[0]})") from e
+        keep_values_literal(cfg, f"override '{ov}'")
     OmegaConf.set_readonly(cfg, False)
     return cfg
 

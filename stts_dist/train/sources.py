@@ -108,6 +108,9 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
 
 
 def build_source(cfg, dp_rank: int, dp_size: int, shard_dir: Optional[Path]):
+    if cfg.balance.enabled:    # pruning-aware split of each global batch across DP ranks
+        from stts_dist.train.balanced_source import BalancedSource
+        return BalancedSource.from_config(cfg, dp_rank, dp_size, shard_dir)
     if cfg.data.source == "digits":
         return DigitsSource(cfg, dp_rank, dp_size)
     if shard_dir is None:
