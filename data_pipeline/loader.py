@@ -42,6 +42,10 @@ class LoaderStateError(DataPipelineError, ValueError):
     """A saved loader state does not fit this loader (different data, seed or DP size)."""
 
 
+_RECORD_KEYS = ("timestamps", "native_fps", "original_size", "source", "question", "answer", "id", "task", "fps",
+                "turns")
+
+
 def _sample_from(decoded: dict[str, Any], index: DatasetIndex, dataset: int, sample: int,
                  frames_dtype: str) -> dict[str, Any]:
     """Decoded members -> the sample handed to the trainer. frames: (T, H, W, 3)."""
@@ -55,6 +59,10 @@ def _sample_from(decoded: dict[str, Any], index: DatasetIndex, dataset: int, sam
     tensor = torch.from_numpy(np.ascontiguousarray(frames))
     if frames_dtype == "float32":
         tensor = tensor.float().div_(255.0)
+    missing = [k for k in _RECORD_KEYS if k not in record]
+    if missing:
+        raise ShardFormatError(f"shard {decoded['__url__']}: sample '{decoded['__key__']}' json record lacks "
+                               f"{missing}; it was not written by this project's sharding job, rebuild the shard")
     meta = {"key": decoded["__key__"], "shard": decoded["__url__"], "dataset": index.name,
             "dataset_index": dataset, "timestamps": record["timestamps"], "native_fps": record["native_fps"],
             "original_size": record["original_size"], "source": record["source"],

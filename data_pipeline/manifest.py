@@ -120,6 +120,9 @@ def parse_manifest_line(text: str, line_no: int, base_dir: Path, source: str = "
     except json.JSONDecodeError as e:
         raise ManifestError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
                             "each line must be one JSON object") from None
+    except (ValueError, RecursionError) as e:  # integers past Python's digit limit, nesting past the stack
+        raise ManifestError(f"{where}: not usable JSON ({type(e).__name__}: {str(e)[:120]}); "
+                            "each line must be one JSON object") from None
     if not isinstance(obj, dict):
         raise ManifestError(f"{where}: must be a JSON object, got {_type_name(obj)}")
     for key in obj:
@@ -172,19 +175,33 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     entries: list[ManifestEntry] = []
     seen: dict[str, int] = {}
     base_dir = path.parent.resolve()
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            entry = parse_manifest_line(text, line_no, base_dir, source=str(path))
-            if entry.id in seen:
-                raise ManifestError(f"{path} line {line_no}: key 'id' value '{entry.id}' repeats line "
-                                    f"{seen[entry.id]}; ids must be unique")
-            seen[entry.id] = line_no
-            entries.append(entry)
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            for line_no, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                entry = parse_manifest_line(text, line_no, base_dir, source=str(path))
+                if entry.id in seen:
+                    raise ManifestError(f"{path} line {line_no}: key 'id' value '{entry.id}' repeats line "
+                                        f"{seen[entry.id]}; ids must be unique")
+                seen[entry.id] = line_no
+                entries.append(entry)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path} line {_first_undecodable_line(path)}: not UTF-8 text; save the manifest "
+                            "as UTF-8") from None
     if not entries:
         raise ManifestError(f"manifest {path} holds no samples")
     return entries
+
+
+def _first_undecodable_line(path: Path) -> int:
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 0
 
 
 def cap_per_task(entries: list[ManifestEntry], samples_per_task: int) -> list[ManifestEntry]:

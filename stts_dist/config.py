@@ -272,11 +272,12 @@ def keep_values_literal(node: Any, where: str, prefix: str = "") -> None:
         raw = child._value()
         if raw == "???":
             raise ConfigError(f"{where}: config key '{name}' has no value ('???'); set it")
-        if isinstance(raw, str) and _has_interpolation(raw):
+        if isinstance(raw, str) and "${" in raw:  # OmegaConf treats escaped ones as interpolations too
             if not isinstance(child, (StringNode, AnyNode)):
                 raise ConfigError(f"{where}: wrong type for config key '{name}': '{raw}' is an interpolation; config "
                                   "values are never resolved, so write the value itself")
-            node[k] = _literal(raw)
+            if _has_interpolation(raw):
+                node[k] = _literal(raw)
         elif isinstance(child, (DictConfig, ListConfig)) and raw is not None:
             keep_values_literal(child, where, name + ".")
 
