@@ -176,7 +176,7 @@ class Trainer:
         m = cfg.model
         self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size, m.stts.frame_separators)
         d = cfg.data
-        barrier = getattr(self.module, "barrier", lambda: None)
+        barrier = getattr(self.module, "preparation_barrier", lambda: None)
         if self.is_rank0:
             prepare_shards(cfg, self.log)      # videos -> Ray -> WebDataset shards (once)
         barrier()
