@@ -30,6 +30,7 @@ from data_pipeline.manifest import ManifestEntry, cap_per_task, read_manifest
 from data_pipeline.records import encode_members, text_token_counter
 from data_pipeline.shard_io import atomic_write_bytes, atomic_write_json, marker_name, remove_stale_temp_files
 from data_pipeline.shard_worker import decode_entry, describe_failure, process_unit, sample_key
+from stts_dist.train.checkpoint import sha256_file
 
 PLAN_FILE, INDEX_FILE, ERRORS_FILE = "plan.json", "index.json", "errors.jsonl"
 INDEX_VERSION = 1
@@ -37,14 +38,7 @@ INDEX_VERSION = 1
 CONTENT_FIELDS = ("image_size", "patch_size", "pool_size", "prune_ratio", "fps", "max_frames", "frame_format",
                   "jpeg_quality", "target_shard_bytes", "samples_per_shard", "samples_per_task")
 PROBE_SAMPLES, PROBE_TRIES = 3, 16
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file
 
 
 def content_config(cfg: Any, tokenizer_name: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -82,7 +82,7 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-            files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     manifest = dict(meta, step=step, files=files)
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     if final.exists():
@@ -118,7 +118,7 @@ def verify(ckpt: Path) -> dict:
             raise CheckpointError(f"checkpoint {ckpt}: file {name} is missing")
         if p.stat().st_size != info["size"]:
             raise CheckpointError(f"checkpoint {ckpt}: file {name} has size {p.stat().st_size}, expected {info['size']}")
-        if _sha256(p) != info["sha256"]:
+        if sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt}: file {name} fails its checksum (corrupt)")
     return manifest
 
