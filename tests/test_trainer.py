@@ -95,3 +95,17 @@ def test_full_user_path_mp4_ray_shards_loader(tmp_path):
     resumed = Trainer(_cfg(tmp_path / "b", **extra))
     resumed.fit()
     assert _losses(first) + _losses(resumed) == _losses(full)
+
+
+def test_kept_token_picture_every_n_steps_reaches_the_callbacks(tmp_path):
+    seen = []
+
+    class Artifacts:
+        def on_artifact(self, trainer, path, artifact_dir=None):
+            seen.append((path, artifact_dir))
+
+    t = Trainer(_cfg(tmp_path, **{"train.steps": 4, "tracking.visualize_every": 2}), callbacks=[Artifacts()])
+    t.fit()
+    pngs = sorted(p.name for p in (tmp_path / "run" / "kept_tokens").glob("*.png"))
+    assert pngs == ["step_00000002.png", "step_00000004.png"]
+    assert [os.path.basename(p) for p, _ in seen] == pngs and {d for _, d in seen} == {"kept_tokens"}

@@ -292,6 +292,9 @@ class Trainer:
                 self.step += 1
                 self.history.append({"step": self.step, **metrics})
                 self._emit("on_step_end", self.step, metrics)
+                every = cfg.tracking.visualize_every
+                if every and self.step % every == 0:
+                    self._snapshot_kept_tokens()
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['llm_visual_tokens']:.0f}")
@@ -325,6 +328,15 @@ class Trainer:
         finally:
             self._restore_signal_handlers(previous)
             self._emit("on_train_end", status)
+
+    def _snapshot_kept_tokens(self) -> None:
+        """Picture of what STTS keeps on a fixed held-out clip (every rank takes part: ZeRO-3
+        gathers parameters collectively; rank 0 writes it and hands it to the callbacks, e.g.
+        MLflow as an artifact under kept_tokens/)."""
+        from stts_dist.visualize import snapshot_for_trainer
+        path = snapshot_for_trainer(self.model, self.eval_set[0], self.out_dir, self.step, write=self.is_rank0)
+        if path is not None:
+            self._emit("on_artifact", str(path), "kept_tokens")
 
     def _install_signal_handlers(self) -> dict:
         """SIGTERM (Slurm preemption, torchrun shutdown) and SIGUSR1 (sbatch --signal) finish the
