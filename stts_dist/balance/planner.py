@@ -638,15 +638,18 @@ def _deferral_key(bin_of: np.ndarray, pinned: np.ndarray) -> tuple[int, int]:
 class CandidateWindow:
     """Which dataset rows are the new candidates of step ``s``: a pure function of (seed, s).
 
-    Epoch ``e`` visits the rows in ``default_rng([seed, e]).permutation(num_samples)``; step ``s``
-    takes the ``window_size`` positions ``s*W .. s*W+W-1`` of the endless concatenation of epochs
-    (a window may straddle an epoch boundary). ``epoch``/``position`` of the next draw are the
-    state; resuming only needs them."""
+    Epoch ``e`` visits the rows in ``default_rng([seed, e]).permutation(num_samples)`` in windows
+    of ``window_size``; the ragged tail of an epoch (``num_samples % window_size`` rows, a
+    different set each epoch) is skipped so that a window never straddles two epochs and never
+    holds a row twice. ``next_step`` is the state; resuming only needs it."""
 
     def __init__(self, num_samples: int, window_size: int, seed: int = 0) -> None:
         if num_samples < 1 or window_size < 1:
             raise ValueError(f"num_samples={num_samples} and window_size={window_size} must be >= 1")
+        if window_size > num_samples:
+            raise ValueError(f"window_size={window_size} exceeds the {num_samples} samples of the dataset")
         self.num_samples, self.window_size, self.seed = int(num_samples), int(window_size), int(seed)
+        self.steps_per_epoch = self.num_samples // self.window_size
         self.next_step = 0
         self._perm_cache: dict[int, np.ndarray] = {}
 
@@ -658,15 +661,10 @@ class CandidateWindow:
         return self._perm_cache[epoch]
 
     def rows(self, step: int) -> np.ndarray:
-        """Dataset rows of step ``step``, shape ``(window_size,)``."""
-        start = step * self.window_size
-        pos = np.arange(start, start + self.window_size, dtype=np.int64)
-        epochs, offs = pos // self.num_samples, pos % self.num_samples
-        out = np.empty(self.window_size, np.int64)
-        for e in np.unique(epochs).tolist():
-            sel = epochs == e
-            out[sel] = self._perm(e)[offs[sel]]
-        return out
+        """Dataset rows of step ``step``, shape ``(window_size,)``, all distinct."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        start = k * self.window_size
+        return self._perm(epoch)[start:start + self.window_size].astype(np.int64)
 
     def next_rows(self) -> tuple[int, np.ndarray]:
         step = self.next_step
@@ -675,11 +673,11 @@ class CandidateWindow:
 
     @property
     def epoch(self) -> int:
-        return self.next_step * self.window_size // self.num_samples
+        return self.next_step // self.steps_per_epoch
 
     @property
     def position(self) -> int:
-        return self.next_step * self.window_size % self.num_samples
+        return self.next_step % self.steps_per_epoch * self.window_size
 
     def state_dict(self) -> dict:
         return {"num_samples": self.num_samples, "window_size": self.window_size, "seed": self.seed,

@@ -4,8 +4,7 @@ pruning-aware token balancer (``stts_dist.balance``, design in docs/balancing.md
 Per global step, every rank
 
 1. draws the same candidate window (``EpochSampler``: epoch ``e`` is the seeded permutation
-   ``default_rng([seed, e])``, ragged tail dropped -- the unbalanced ``DigitsSource`` order; not
-   ``CandidateWindow``, whose epoch-straddling windows can hold a sample twice);
+   ``default_rng([seed, e])``, ragged tail dropped -- the unbalanced ``DigitsSource`` order);
 2. runs :class:`~stts_dist.balance.BalancePlanner` on the window's *metadata* plus the samples
    deferred from earlier steps, and gets the same :class:`~stts_dist.balance.Plan` as every other
    rank (a pure function of seed, step, metadata and planner state: no pixels move, no
