@@ -77,6 +77,11 @@ class STTSConfig:
     key_bias_floor: float = -2.0  # scores rescaled per frame to [exp(floor), 1]
     frame_separators: bool = False
     attention_backend: str = "auto"
+    # Adaptive ratio per video: each batch's pruning budget is shared out by content (pixel
+    # novelty of each clip, measured when the batch is built: static clips pruned more, busy ones
+    # less), the batch total equal to the fixed ratio's. Counts are still known before the ViT.
+    adaptive: bool = False
+    adaptive_strength: float = 1.0
 
 
 @dataclass
@@ -398,6 +403,8 @@ def validate(cfg: Any) -> None:
         _check(getattr(b, key) >= 0, f"balance.{key}={getattr(b, key)} must be >= 0 (0 = "
                + ("train.batch_size)" if key == "window" else "unbounded)"))
     if b.enabled:
+        _check(not s.adaptive, "balance.enabled=true plans with the fixed per-video budget int(G*r*T); "
+               "model.stts.adaptive=true shares each batch's budget by content after the plan -- use one of them")
         _check(par.grad_accum_steps == 1, f"balance.enabled=true runs one micro-batch per rank per step; "
                f"parallel.grad_accum_steps={par.grad_accum_steps} must be 1 (raise balance.window instead)")
         _check(b.max_vit_frames_per_micro == 0 or b.max_vit_frames_per_micro >= d.num_frames,

@@ -18,13 +18,14 @@ def normalize_answer(text: str) -> str:
 @torch.no_grad()
 def evaluate(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, prune_ratio: float,
              batch_size: int = 16, device: Optional[torch.device] = None, seed: int = 0,
-             frame_separators: bool = False) -> dict[str, float]:
+             frame_separators: bool = False, adaptive_strength: Optional[float] = None) -> dict[str, float]:
     """Returns ``{"acc": overall, "acc/<task>": per task, "n": count, "llm_visual_tokens": mean}``."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     ratio = 0.0 if method == "none" else prune_ratio
-    builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators)
+    builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators,
+                              adaptive_strength)
     gen = torch.Generator().manual_seed(seed)
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)

@@ -119,3 +119,24 @@ def test_generate_with_cache_equals_full_recompute(tiny_cfg):
             nxt = int(model.llm.logits(h[-1:]).argmax(-1))
             assert nxt == outs[i][t]
             ids = torch.cat([ids, torch.tensor([nxt])])
+
+
+def test_adaptive_budgets_flow_from_batch_to_selection(tiny_cfg):
+    """Adaptive per-video budgets: busy clips keep more, static ones less, the batch total equal to
+    the fixed ratio's, and the placeholders match what the ViT keeps."""
+    import numpy as np
+    tok, model, _, _ = _setup(tiny_cfg)
+    G = model.groups_per_frame
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 255, (1, 32, 32, 3), dtype=np.uint8), 4, axis=0)
+    busy = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    samples = [{"frames": f, "question": "how many digits are shown ?", "answer": "2"} for f in (still, busy)]
+    builder = SequenceBuilder(tok, G, 32, adaptive_strength=1.0)
+    batch = builder(samples, 0.5)
+    fixed = [llm_visual_tokens(G, 4, 0.5)] * 2
+    assert sum(batch.visual_tokens) == sum(fixed)
+    assert batch.visual_tokens[0] < fixed[0] < batch.visual_tokens[1]
+    out = model(batch)
+    kept = out.vit.keep.sum(1)
+    assert [int(kept[:4].sum()), int(kept[4:].sum())] == batch.visual_tokens
+    assert bool(out.vit.keep[0].all()) and bool(out.vit.keep[4].all())          # first frames whole

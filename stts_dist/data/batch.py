@@ -50,16 +50,29 @@ class SequenceBuilder:
     """Collates sample dicts ``{"frames": uint8 (T,H,W,3) or None, "question", "answer", "id",
     "task"}`` into a :class:`VideoBatch` for a given effective prune ratio."""
 
-    def __init__(self, tokenizer: Any, groups_per_frame: int, image_size: int, frame_separators: bool = False):
+    def __init__(self, tokenizer: Any, groups_per_frame: int, image_size: int, frame_separators: bool = False,
+                 adaptive_strength: Optional[float] = None):
+        """``adaptive_strength``: None = the fixed budget ``int(G*r*T)`` per video; a number =
+        adaptive budgets shared out over the batch by pixel novelty (see stts/adaptive.py)."""
         self.tok = tokenizer
         self.groups = groups_per_frame
         self.image_size = image_size
         self.frame_separators = frame_separators
+        self.adaptive_strength = adaptive_strength
+
+    def _adaptive_pruned(self, samples: Sequence[dict], prune_ratio: float) -> Optional[list[int]]:
+        if self.adaptive_strength is None or prune_ratio <= 0:
+            return None
+        from stts_dist.stts.adaptive import adaptive_budgets, pixel_novelty
+        frames = [0 if s.get("frames") is None else int(s["frames"].shape[0]) for s in samples]
+        novelty = [pixel_novelty(np.asarray(s["frames"])) if t > 1 else 0.0 for s, t in zip(samples, frames)]
+        return adaptive_budgets(novelty, frames, self.groups, prune_ratio, strength=self.adaptive_strength)
 
     def __call__(self, samples: Sequence[dict], prune_ratio: float, with_answer: bool = True) -> VideoBatch:
         frames, lengths, is_video = [], [], []
         ids, labels, seq_lengths, vis_counts = [], [], [], []
-        for s in samples:
+        pruned = self._adaptive_pruned(samples, prune_ratio)
+        for k, s in enumerate(samples):
             fr = s.get("frames")
             T = 0 if fr is None else int(fr.shape[0])
             if T:
@@ -70,7 +83,12 @@ class SequenceBuilder:
             video = T > 1
             lengths.append(T)
             is_video.append(video)
-            n_vis = llm_visual_tokens(self.groups, T, prune_ratio, video) if T else 0
+            if not T:
+                n_vis = 0
+            elif pruned is not None:
+                n_vis = self.groups * T - pruned[k]
+            else:
+                n_vis = llm_visual_tokens(self.groups, T, prune_ratio, video)
             vis_counts.append(n_vis)
             span = n_vis + (T if self.frame_separators else 0)
             prompt = [self.tok.bos_id, self.tok.user_id] + [self.tok.video_id] * span + \
@@ -86,7 +104,7 @@ class SequenceBuilder:
         fr = torch.cat(frames) if frames else torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
         fr = fr.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         return VideoBatch(
-            frames=fr, layout=FrameLayout(lengths, is_video),
+            frames=fr, layout=FrameLayout(lengths, is_video, pruned),
             input_ids=torch.tensor([t for seq in ids for t in seq], dtype=torch.long),
             labels=torch.tensor([t for seq in labels for t in seq], dtype=torch.long),
             positions=torch.cat([torch.arange(n) for n in seq_lengths]) if seq_lengths else torch.zeros(0, dtype=torch.long),

@@ -4,6 +4,7 @@ video boundary (the reference code pairs across videos in a packed batch; we do 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -12,6 +13,8 @@ import torch
 class FrameLayout:
     lengths: list[int]            # frames per sample (0 = text-only sample)
     is_video: list[bool]          # False: a still image (never pruned) or no visual input
+    # groups to prune per sample when set (adaptive budgets); None: the fixed int(G*r*T)
+    pruned: Optional[list[int]] = None
 
     @property
     def num_frames(self) -> int:

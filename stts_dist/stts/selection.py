@@ -59,8 +59,14 @@ def select_groups(method: str, layout: FrameLayout, groups: int, prune_ratio: fl
     keep = torch.ones(layout.num_frames, groups, dtype=torch.bool)
     if method == "none" or prune_ratio <= 0:
         return keep.to(device)
-    for start, T, is_video in zip(layout.starts, layout.lengths, layout.is_video):
-        n = pruned_groups(groups, T, prune_ratio, is_video)
+    for i, (start, T, is_video) in enumerate(zip(layout.starts, layout.lengths, layout.is_video)):
+        if layout.pruned is not None:
+            n = int(layout.pruned[i])
+            if not 0 <= n <= groups * max(T - 1, 0):
+                raise ValueError(f"sample {i}: {n} groups to prune, but a {T}-frame video must keep its first "
+                                 f"frame: the adaptive budget must lie in [0, {groups * max(T - 1, 0)}]")
+        else:
+            n = pruned_groups(groups, T, prune_ratio, is_video)
         if n == 0:
             continue
         sl = slice(start, start + T)

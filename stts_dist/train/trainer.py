@@ -174,7 +174,8 @@ class Trainer:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} (global) must be divisible by the "
                              f"data-parallel size {self.dp_size}")
         m = cfg.model
-        self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size, m.stts.frame_separators)
+        self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size,
+                                       m.stts.frame_separators, self._adaptive_strength())
         d = cfg.data
         barrier = getattr(self.module, "preparation_barrier", lambda: None)
         if self.is_rank0:
@@ -202,6 +203,10 @@ class Trainer:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(self, *args)
+
+    def _adaptive_strength(self) -> Optional[float]:
+        s = self.cfg.model.stts
+        return s.adaptive_strength if s.adaptive else None
 
     def _world(self) -> dict:
         return getattr(self.module, "world", {"world_size": 1, "tensor_parallel": 1})
@@ -251,7 +256,8 @@ class Trainer:
         out: dict[str, float] = {}
         for method, ratio in methods_ratios:
             res = evaluate(self.model, self.tokenizer, samples, method, ratio, device=self.device,
-                           frame_separators=s.frame_separators, seed=self.cfg.data.seed)
+                           frame_separators=s.frame_separators, seed=self.cfg.data.seed,
+                           adaptive_strength=self._adaptive_strength())
             tag = f"{method}@{ratio:g}"
             for k, v in res.items():
                 if k != "n":
