@@ -415,10 +415,6 @@ def test_recipe_matches_the_real_checkpoints(smollm2_dir):
     for key, value in dino.items():
         assert recipe.model.vit[key] == value, key
     assert recipe.model.vit.image_size % 14 == 0 and recipe.model.vit.gelu == "exact"
-    from stts_dist.config import ModelConfig
-    if "pretrained" not in ModelConfig.__dataclass_fields__:
-        pytest.skip("the recipe uses model.pretrained / model.vit.gelu / optim.freeze, proposed in docs/weights.md "
-                    "and not yet in stts_dist/config.py")
     from stts_dist.config import load_config
     load_config(ROOT / "jobs" / "finetune_dinov2_smollm2.yaml")
 
