@@ -71,6 +71,7 @@ class STTSConfig:
     scorer_hidden: int = 256
     scorer_heads: int = 4
     scorer_init_std: float = 0.02  # truncated-normal std of the scorer's weights (reference: 0.02)
+    scorer_pool_dim: int = 0       # >0: pool groups at this width (cheaper); 0: at the ViT width
     aux_loss_weight: float = 0.5  # lambda of the temporal novelty loss
     detach_aux_target: bool = False
     key_bias: bool = True         # log-score key bias in block prune_at+1 (LM-gradient path)
@@ -359,6 +360,9 @@ def validate(cfg: Any) -> None:
     _check(m.llm.hidden % m.llm.heads == 0, f"model.llm.hidden={m.llm.hidden} must be divisible by model.llm.heads={m.llm.heads}")
     _check(m.llm.heads % m.llm.kv_heads == 0, f"model.llm.heads={m.llm.heads} must be divisible by model.llm.kv_heads={m.llm.kv_heads}")
     _check((m.llm.hidden // m.llm.heads) % 2 == 0, "model.llm head dim (hidden/heads) must be even for RoPE")
+    _check((s.scorer_pool_dim or m.vit.width) % s.scorer_heads == 0,
+           f"the scorer's pooling width ({s.scorer_pool_dim or m.vit.width}) must be divisible by "
+           f"model.stts.scorer_heads={s.scorer_heads}")
     _check(m.vit.width % m.connector.pool_heads == 0,
            f"model.vit.width={m.vit.width} must be divisible by model.connector.pool_heads={m.connector.pool_heads}")
     for layer in m.connector.layers:

@@ -72,9 +72,12 @@ def vit_params(v: Any, tp: int = 1) -> ModuleParams:
 
 
 def scorer_params(v: Any, s: Any) -> ModuleParams:
-    """LayerNorm, mean-query attention pool (q, kv, out), 3-layer MLP on [prev, current]."""
+    """LayerNorm, [down-projection], mean-query attention pool (q, kv, out), 3-layer MLP on
+    [prev, current]."""
     W, H = v.width, s.scorer_hidden
-    n = 2 * W + (4 * W * W + 4 * W) + (2 * W * H + H) + (H * H + H) + (H + 1)
+    P = s.scorer_pool_dim or W
+    down = W * P + P if s.scorer_pool_dim else 0
+    n = 2 * W + down + (4 * P * P + 4 * P) + (2 * P * H + H) + (H * H + H) + (H + 1)
     return ModuleParams(n, n, n)
 
 

@@ -52,9 +52,12 @@ def model_forward_flops(model_cfg, frames_kept_patches: Sequence[Sequence[int]],
     g2 = c.pool_size ** 2
     groups = -(-(v.image_size // v.patch_size) // c.pool_size) ** 2
     if s.method == "scorer":
-        # pooling (kv proj on all patches, q/out per group) + 3-layer MLP per group
-        out.scorer = num_frames * (2 * n * 2 * v.width * v.width + groups * 2 * (
-            2 * v.width * v.width + 2 * v.width * s.scorer_hidden + s.scorer_hidden ** 2 + s.scorer_hidden))
+        # [down-projection on all patches] + pooling (kv proj on all patches, q/out per group) +
+        # 3-layer MLP per group
+        p = s.scorer_pool_dim or v.width
+        down = 2 * n * v.width * p if s.scorer_pool_dim else 0
+        out.scorer = num_frames * (down + 2 * n * 2 * p * p + groups * 2 * (
+            2 * p * p + 2 * p * s.scorer_hidden + s.scorer_hidden ** 2 + s.scorer_hidden))
     dim = v.width * len(c.layers)
     out.connector = kept_groups * 2 * (g2 * 2 * dim * dim + 2 * dim * dim + dim * l.hidden + l.hidden * l.hidden)
     out.llm = sum(l.layers * llm_layer_flops(L, l.hidden, l.heads, l.kv_heads, l.ffn) for L in llm_lengths)

@@ -185,3 +185,13 @@ def test_cli_reports_and_fails_when_over_budget():
                           timeout=60).returncode == 0
     bad = subprocess.run(run + ["--nodes", "3"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not divisible by data_parallel=6" in bad.stderr
+
+
+def test_scorer_parameter_count_with_a_pooling_width():
+    from stts_dist.config import load_config
+    from stts_dist.estimate import scorer_params
+    from stts_dist.model.vlm import build_model
+    from stts_dist.tokenizer import default_tokenizer
+    cfg = load_config(None, ["model.stts.scorer_pool_dim=32"])
+    model = build_model(cfg.model, default_tokenizer())
+    assert scorer_params(cfg.model.vit, cfg.model.stts).total == sum(p.numel() for p in model.scorer.parameters())

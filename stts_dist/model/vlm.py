@@ -53,7 +53,8 @@ class VideoVLM(nn.Module):
         v, c, l, s = cfg.vit, cfg.connector, cfg.llm, cfg.stts
         self.cfg = cfg
         self.vit = VideoViT(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_dim, v.in_channels, v.layer_norm_eps, v.gelu)
-        self.scorer = TokenScorer(v.width, s.scorer_hidden, s.scorer_heads, c.pool_size, s.scorer_init_std)
+        self.scorer = TokenScorer(v.width, s.scorer_hidden, s.scorer_heads, c.pool_size, s.scorer_init_std,
+                                  s.scorer_pool_dim)
         self.connector_layers = [i % v.depth for i in c.layers]
         self.connector = Connector(v.width, len(self.connector_layers), c.pool_size, c.pool_heads, l.hidden)
         vocab = l.vocab_size or vocab_size

@@ -15,12 +15,18 @@ from stts_dist.stts.layout import FrameLayout
 
 
 class TokenScorer(nn.Module):
-    def __init__(self, width: int, hidden: int, heads: int, pool_size: int, init_std: float = 0.02):
+    def __init__(self, width: int, hidden: int, heads: int, pool_size: int, init_std: float = 0.02,
+                 pool_dim: int = 0):
+        """``pool_dim`` > 0: patches are first projected to this width and pooled there (the
+        pooling's key/value projection runs on every patch of every frame, so at the ViT's full
+        width it is most of the scorer's cost); 0: pool at the ViT width, as the reference."""
         super().__init__()
         self.pool_size = pool_size
         self.norm = nn.LayerNorm(width)
-        self.pool = MeanQueryAttentionPool(width, heads)
-        self.mlp = nn.Sequential(nn.Linear(2 * width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+        dim = pool_dim or width
+        self.down = nn.Linear(width, dim) if pool_dim else nn.Identity()
+        self.pool = MeanQueryAttentionPool(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 1))
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -29,7 +35,7 @@ class TokenScorer(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: int, layout: FrameLayout) -> torch.Tensor:
         """x: (F, N, D) ViT features after block ``prune_at`` -> scores (F, G) in (0, 1)."""
-        groups, valid = group_patches(self.norm(x), grid, self.pool_size)       # (F, G, g*g, D)
+        groups, valid = group_patches(self.down(self.norm(x)), grid, self.pool_size)   # (F, G, g*g, D')
         Fr, G, S, D = groups.shape
         pooled = self.pool(groups.reshape(Fr * G, S, D), valid.repeat(Fr, 1)).view(Fr, G, D)
         prev_idx = layout.prev_frame_index(x.device)
