@@ -140,3 +140,11 @@ def test_adaptive_budgets_flow_from_batch_to_selection(tiny_cfg):
     kept = out.vit.keep.sum(1)
     assert [int(kept[:4].sum()), int(kept[4:].sum())] == batch.visual_tokens
     assert bool(out.vit.keep[0].all()) and bool(out.vit.keep[4].all())          # first frames whole
+
+
+def test_scorer_with_a_narrow_pooling_width_still_learns_from_the_lm_loss(tiny_cfg):
+    tiny_cfg.model.stts.scorer_pool_dim = 16
+    tok, model, builder, samples = _setup(tiny_cfg)
+    assert model.scorer.pool.q.in_features == 16
+    model(builder(samples, 0.5), aux_weight=0.0).loss.backward()
+    assert float(model.scorer.down.weight.grad.abs().sum()) > 0
