@@ -240,8 +240,10 @@ def _answer_tokens(tokenizer, samples: Sequence[dict]) -> int:
 
 @torch.no_grad()
 def run_setting(model, tokenizer, samples: Sequence[dict], setting: Setting, batch_size: int, seed: int,
-                frame_separators: bool = False, max_new_tokens: int = 0, autocast: Any = None) -> Tally:
-    builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators)
+                frame_separators: bool = False, max_new_tokens: int = 0, autocast: Any = None,
+                adaptive_strength: Optional[float] = None) -> Tally:
+    builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators,
+                              adaptive_strength)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     tally = Tally()

@@ -77,10 +77,11 @@ class DistributedTrainModule:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def _global_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+    def _global_means(self, *values: float) -> list[float]:
+        """Means over the data-parallel group, one all-reduce for all values."""
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, group=self.dp_group)
-        return float(t) / self.dp_size
+        return (t / self.dp_size).tolist()
 
     def train_step(self, batch, step: int, generator: torch.Generator) -> dict[str, float]:
         lrs = set_learning_rates(self.engine.optimizer, step, self.cfg.train.steps, self.cfg.optim)
@@ -95,8 +96,7 @@ class DistributedTrainModule:
         self.engine.backward(loss)
         self.engine.step()
         gnorm = self.engine.get_global_grad_norm()
-        lm = self._global_mean(float(out.lm_loss.detach()) * scale)
-        aux = self._global_mean(float(out.aux_loss.detach()))
+        lm, aux = self._global_means(float(out.lm_loss.detach()) * scale, float(out.aux_loss.detach()))
         m = {"loss": lm + w * aux, "lm_loss": lm, "aux_loss": aux,
              "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
              "lr": lrs.get("llm", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}

@@ -255,7 +255,7 @@ class Trainer:
         samples = [self.eval_set[i] for i in range(len(self.eval_set))]
         out: dict[str, float] = {}
         for method, ratio in methods_ratios:
-            res = evaluate(self.model, self.tokenizer, samples, method, ratio, device=self.device,
+            res = evaluate(self.model, self.tokenizer, samples, method, ratio,
                            frame_separators=s.frame_separators, seed=self.cfg.data.seed,
                            adaptive_strength=self._adaptive_strength())
             tag = f"{method}@{ratio:g}"
