@@ -1,6 +1,7 @@
 """Specification of the pruning-aware token balancer (stts_dist/balance)."""
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import importlib.util
 import json
@@ -12,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stts_dist.balance import (BalancedSchedule, BalancePlanner, CandidateWindow, CostModel, SampleMeta, SampleTable,
-                               balance_metrics, cost_imbalance, first_fit_decreasing, greedy_lpt,
-                               karmarkar_karp_equal, pack_sequences, padding_fraction, refine_pairs)
+from stts_dist.balance import (TERMS, BalancedSchedule, BalancePlanner, CandidateWindow, CostModel,
+                               KernelRateCostModel, SampleMeta, SampleTable, balance_metrics, cost_imbalance,
+                               first_fit_decreasing, greedy_lpt, karmarkar_karp_equal, measure_kernel_rates,
+                               pack_sequences, padding_fraction, refine_pairs)
+from stts_dist.balance.cost_model import TERM_COMPONENT, representative_shapes
 from stts_dist.balance.planner import greedy_lpt_budgeted, quantize_costs, repair_budgets, step_critical_path
 from stts_dist.stts.budget import llm_visual_tokens
 
@@ -127,6 +130,126 @@ def test_bad_metadata_and_cost_model_inputs_are_named():
         CostModel.from_dims(64, 4, 256, 3, 128, 2, 352, 0.5, 64)
     with pytest.raises(ValueError, match="no measurements"):
         small_model().calibrate([])
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel-rate calibration
+
+HAND_RATES = {"vit_pre_linear": 1e9, "vit_pre_attn": 2e9, "vit_post_linear": 4e9, "vit_post_attn": 8e9,
+              "llm_linear": 5e9, "llm_attn": 3e9}
+
+
+def hand_sample() -> SampleMeta:
+    return SampleMeta(index=0, frames=4, patches_per_frame=64, groups_per_frame=16, llm_visual_tokens=32,
+                      text_tokens=20, is_video=True)
+
+
+def test_kernel_rate_costs_are_term_flops_over_term_rates_by_hand():
+    cm = dataclasses.replace(small_model(), llm_vocab=1000)
+    D, Mv, H, F, L, V = 64, 256, 128, 352, 52, 1000
+    lin = 2 * (4 * D * D + 2 * D * Mv)
+    flops = {"vit_pre_linear": 3 * lin * 256, "vit_pre_attn": 3 * 4 * 64 ** 2 * D * 4,   # blocks 0..2, 64/frame
+             "vit_post_linear": 3 * lin * 128, "vit_post_attn": 3 * 4 * 32 ** 2 * D * 4,  # blocks 3..5, 32/frame
+             "llm_linear": 2 * 2 * L * (2 * H * H + 2 * 0.5 * H * H + 3 * H * F) + 2 * L * H * V,
+             "llm_attn": 2 * 2 * L * L * H}
+    km = cm.with_kernel_rates(HAND_RATES)
+    seconds = {t: 3 * flops[t] / HAND_RATES[t] for t in TERMS}
+    np.testing.assert_allclose(km.term_seconds([hand_sample()])[0], [seconds[t] for t in TERMS], rtol=1e-12)
+    np.testing.assert_allclose(km.breakdown([hand_sample()])[0],
+                               [seconds["vit_pre_linear"] + seconds["vit_pre_attn"],
+                                seconds["vit_post_linear"] + seconds["vit_post_attn"],
+                                seconds["llm_linear"] + seconds["llm_attn"]], rtol=1e-12)
+    assert km.cost(hand_sample()) == pytest.approx(sum(seconds.values()), rel=1e-12)
+    # 3 * (75.497472/1 + 12.582912/2 + 37.748736/4 + 3.145728/8 + 51.65056/5 + 1.384448/3) ms
+    assert km.cost(hand_sample()) == pytest.approx(0.307232768, rel=1e-9)
+    # the FLOP model's breakdown is the same terms summed per component
+    np.testing.assert_allclose(cm.term_flops([hand_sample()])[0], [3 * flops[t] for t in TERMS], rtol=1e-12)
+    np.testing.assert_allclose(cm.term_flops(random_table(20, 3)) @ TERM_COMPONENT,
+                               cm.breakdown(random_table(20, 3)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_doubling_one_kernel_rate_halves_exactly_that_term(term):
+    table = random_table(30, 4)
+    base = small_model().with_kernel_rates(HAND_RATES)
+    faster = small_model().with_kernel_rates({**HAND_RATES, term: 2 * HAND_RATES[term]})
+    col = TERMS.index(term)
+    before, after = base.term_seconds(table), faster.term_seconds(table)
+    np.testing.assert_allclose(after[:, col], before[:, col] / 2, rtol=1e-12)
+    others = [i for i in range(len(TERMS)) if i != col]
+    np.testing.assert_array_equal(after[:, others], before[:, others])
+    np.testing.assert_allclose(base.costs(table) - faster.costs(table), before[:, col] / 2, rtol=1e-9)
+
+
+def test_kernel_rate_costs_stay_additive_over_samples_and_plannable():
+    km = small_model().with_kernel_rates(HAND_RATES)
+    table = random_table(60, 5)
+    per_sample = km.costs(table)
+    np.testing.assert_allclose(per_sample, [km.cost(m) for m in table.to_metas()], rtol=1e-12)
+    halves = [table.take(np.arange(0, 25)), table.take(np.arange(25, 60))]
+    np.testing.assert_allclose(np.concatenate([km.costs(h) for h in halves]), per_sample, rtol=1e-12)
+    # a group's cost is its summed FLOPs per term over the term rates: rates are per term, not per sample
+    rates = np.array([HAND_RATES[t] for t in TERMS])
+    assert per_sample.sum() == pytest.approx(float(km.term_flops(table).sum(axis=0) @ (1 / rates)), rel=1e-12)
+    plan = BalancePlanner(4, None, 900, 64, seed=0, cost_model=km).plan(0, table)
+    check_plan_valid(plan, table, 900, 64)
+    assert plan.sample_index.size + plan.deferred.size == 60
+
+
+def test_calibrate_on_a_kernel_rate_model_fits_dimensionless_corrections():
+    km = small_model().with_kernel_rates(HAND_RATES)
+    rng = np.random.default_rng(1)
+    true = np.array([1.3, 0.9, 1.7])
+    measured = []
+    for _ in range(8):
+        b = km.breakdown(random_table(6, int(rng.integers(1 << 30)))).sum(axis=0)
+        measured.append((b, float(b @ true)))
+    fitted = km.calibrate(measured)
+    assert isinstance(fitted, KernelRateCostModel) and fitted.rates == HAND_RATES
+    np.testing.assert_allclose(fitted.scale, true, rtol=1e-6)
+    # rates replace a FLOP calibration (seconds per FLOP would be the wrong unit on seconds)
+    flop_fitted = small_model().calibrate([(1e9, 2.0)])
+    assert flop_fitted.with_kernel_rates(HAND_RATES).scale == (1.0, 1.0, 1.0)
+
+
+def test_kernel_rate_inputs_are_checked_and_plain_models_keep_their_checkpoint_config():
+    with pytest.raises(ValueError, match=r"missing \['llm_attn'\], unknown \['llm_atn'\]"):
+        small_model().with_kernel_rates({**{t: 1e9 for t in TERMS if t != "llm_attn"}, "llm_atn": 1e9})
+    with pytest.raises(ValueError, match="positive finite"):
+        small_model().with_kernel_rates({**HAND_RATES, "vit_post_attn": 0.0})
+    # resuming a checkpoint of a FLOP-model run must not see a new cost-model field
+    plain = BalancePlanner(2, 1, 900, 64, cost_model=small_model()).state_dict()["config"]["cost_model"]
+    assert "kernel_rates" not in plain
+    rated = BalancePlanner(2, 1, 900, 64, cost_model=small_model().with_kernel_rates(HAND_RATES))
+    assert rated.state_dict()["config"]["cost_model"]["kernel_rates"] == [HAND_RATES[t] for t in TERMS]
+
+
+def test_representative_shapes_weight_lengths_by_attention_flops():
+    table = SampleTable(index=[0, 1], frames=[2, 4], patches_per_frame=[16, 16], groups_per_frame=[4, 4],
+                        llm_visual_tokens=[4, 8], text_tokens=[10, 20], is_video=[True, True])
+    shapes = representative_shapes(table, max_rows=64)
+    # ViT: 96 patches (capped at 64 rows), 16 per frame; kept 8 per frame; LLM L = 14 and 28
+    assert shapes == {"vit_pre_rows": 64, "vit_pre_len": 16, "vit_pre_batch": 4,
+                      "vit_post_rows": 48, "vit_post_len": 8, "vit_post_batch": 6,
+                      "llm_rows": 42, "llm_len": 25, "llm_batch": 2}   # 25 = (14^3 + 28^3) / (14^2 + 28^2)
+
+
+def test_measure_kernel_rates_gives_a_positive_finite_rate_per_term_on_a_tiny_model():
+    cm = CostModel.from_dims(32, 4, 64, 1, 32, 1, 64, 0.5, 16, llm_vocab=16)
+    table = SampleTable(index=[0, 1], frames=[2, 4], patches_per_frame=[16, 16], groups_per_frame=[4, 4],
+                        llm_visual_tokens=[4, 8], text_tokens=[10, 20], is_video=[True, True])
+    rates = measure_kernel_rates(cm, table, vit_heads=2, llm_heads=2, max_rows=256, repeats=1)
+    assert set(rates) == set(TERMS)
+    assert all(np.isfinite(r) and r > 0 for r in rates.values())
+    km = cm.with_kernel_rates(rates)
+    assert np.all(np.isfinite(km.costs(table))) and np.all(km.costs(table) > 0)
+    with pytest.raises(ValueError, match="vit_heads=3"):
+        measure_kernel_rates(cm, table, vit_heads=3, llm_heads=2)
+
+
+def test_the_balance_package_does_not_import_torch():
+    code = "import sys, stts_dist.balance; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 # ---------------------------------------------------------------------------------------------

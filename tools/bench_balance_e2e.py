@@ -31,12 +31,15 @@ faster rank's wait is reported as what it would be on dedicated cores:
 
 The last printed line is one JSON object.
 
-Second part (skip with ``--no-ratio``): the cost model's predicted step-time ratio between
-model configurations (``RATIO_MODELS`` vs the benchmark model) against measured single-process
-step times (CPU time of the step, one thread, interleaved), on the same batch. Also printed:
-``CostModel.calibrate`` fitted to the per-rank (modelled FLOPs, CPU seconds) pairs of part one.
+Second part (skip with ``--no-ratio``, run alone with ``--ratio-only``): the cost model's
+predicted step-time ratio between model configurations (``RATIO_MODELS`` vs the benchmark model)
+against measured single-process step times (CPU time of the step, one thread, interleaved), on
+the same batch; predicted twice, from FLOPs and from FLOPs over each config's kernel rates
+(``measure_kernel_rates`` of its own shapes, same process, one thread). Also printed (with part
+one): ``CostModel.calibrate`` fitted to the per-rank (modelled FLOPs, CPU seconds) pairs of part one.
 
     .venv/bin/python tools/bench_balance_e2e.py                # both parts, ~2-3 min on 2 busy cores
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_balance_e2e.py --ratio-only --ratio-reps 2
 """
 from __future__ import annotations
 
@@ -224,11 +227,12 @@ def summarize(ranks: list[list[dict]], warmup: int, elapsed: float) -> dict:
 def ratio_check(args) -> dict:
     """Single process, one thread: step time of each RATIO_MODELS entry vs MODEL on the same batch,
     against the cost model's predicted ratio. Steps of all configs are interleaved, so load
-    changes on a shared machine hit them alike; CPU time of the thread is compared (wall too)."""
+    changes on a shared machine hit them alike; CPU time of the thread is compared (wall too).
+    Predicted twice: FLOPs, and kernel seconds (FLOPs over each config's measured kernel rates)."""
     import numpy as np
     import torch
 
-    from stts_dist.balance import CostModel
+    from stts_dist.balance import CostModel, measure_kernel_rates
     from stts_dist.config import load_config
     from stts_dist.data.batch import SequenceBuilder
     from stts_dist.model.vlm import build_model
@@ -241,7 +245,7 @@ def ratio_check(args) -> dict:
     tok = default_tokenizer()
     frames = [4, 8, 16, 32]
     configs = {"base": MODEL, **RATIO_MODELS}
-    modules, batches, costs = {}, {}, {}
+    modules, batches, costs, kernel_costs = {}, {}, {}, {}
     for name, model in configs.items():
         cfg = load_config(None, overrides(model, "unused", 1, args) + ["parallel.engine=local"])
         torch.manual_seed(0)
@@ -255,7 +259,11 @@ def ratio_check(args) -> dict:
                                                  cfg.data.tasks, "train"), tok)
         table = geometry.table(np.asarray(frames), texts)
         assert table.llm_tokens.tolist() == batches[name].seq_lengths
-        costs[name] = float(CostModel.from_model_config(cfg.model).costs(table).sum())
+        cost_model = CostModel.from_model_config(cfg.model)
+        costs[name] = float(cost_model.costs(table).sum())
+        # the config's own kernel shapes on this batch, one thread like the steps below
+        rates = measure_kernel_rates(cost_model, table, vit_heads=cfg.model.vit.heads, llm_heads=cfg.model.llm.heads)
+        kernel_costs[name] = float(cost_model.with_kernel_rates(rates).costs(table).sum())
     gen = torch.Generator().manual_seed(0)
     cpu: dict[str, list[float]] = {name: [] for name in configs}
     wall: dict[str, list[float]] = {name: [] for name in configs}
@@ -270,15 +278,43 @@ def ratio_check(args) -> dict:
                 cpu[name].append((run1 - run0) / 1e9)
                 wall[name].append(elapsed)
     med = {name: statistics.median(v) for name, v in cpu.items()}
-    out: dict = {"batch_frames": frames, "step_cpu_s_base": med["base"], "gflop_base": costs["base"] / 1e9}
+    out: dict = {"batch_frames": frames, "step_cpu_s_base": med["base"], "gflop_base": costs["base"] / 1e9,
+                 "kernel_s_base": kernel_costs["base"]}
     for name in RATIO_MODELS:
         predicted = costs[name] / costs["base"]
+        predicted_kernel = kernel_costs[name] / kernel_costs["base"]
         measured = med[name] / med["base"]
         out.update({f"predicted_ratio_{name}": predicted, f"measured_ratio_{name}": measured,
                     f"measured_wall_ratio_{name}": statistics.median(wall[name]) / statistics.median(wall["base"]),
                     f"ratio_error_{name}": measured / predicted - 1.0, f"step_cpu_s_{name}": med[name],
-                    f"gflop_{name}": costs[name] / 1e9})
+                    f"gflop_{name}": costs[name] / 1e9, f"predicted_ratio_kernel_{name}": predicted_kernel,
+                    f"ratio_error_kernel_{name}": measured / predicted_kernel - 1.0,
+                    f"kernel_s_{name}": kernel_costs[name]})
     return out
+
+
+def print_ratio_summary(ratio: dict) -> None:
+    """One line per RATIO_MODELS entry: FLOP and kernel-rate predictions against the measurement."""
+    for name in RATIO_MODELS:
+        print(f"cost-model ratio {name}/base (1 process, 1 thread, frames {ratio['batch_frames']}, base step "
+              f"{ratio['step_cpu_s_base']:.3f} s CPU for {ratio['gflop_base']:.1f} GFLOP, "
+              f"{ratio['kernel_s_base']:.3f} s of kernels): predicted {ratio[f'predicted_ratio_{name}']:.3f} "
+              f"(FLOPs) / {ratio[f'predicted_ratio_kernel_{name}']:.3f} (kernel rates), measured CPU "
+              f"{ratio[f'measured_ratio_{name}']:.3f} (wall {ratio[f'measured_wall_ratio_{name}']:.3f}), error "
+              f"{100 * ratio[f'ratio_error_{name}']:+.1f}% (FLOPs) / "
+              f"{100 * ratio[f'ratio_error_kernel_{name}']:+.1f}% (kernel rates)")
+
+
+def ratio_only(args) -> int:
+    """``--ratio-only``: the second part alone, then its JSON line."""
+    load_before = os.getloadavg()
+    ratio = ratio_check(args)
+    load_after = os.getloadavg()
+    print_ratio_summary(ratio)
+    summary = {**{k: v for k, v in ratio.items() if k != "batch_frames"}, "cpu_count": os.cpu_count(),
+               "load_avg_1min_before": load_before[0], "load_avg_1min_after": load_after[0]}
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -293,12 +329,15 @@ def main(argv=None) -> int:
     p.add_argument("--ratio-reps", type=int, default=6, help="measured steps per config in the ratio check")
     p.add_argument("--dump", default="", help="write the raw per-rank step records to this JSON file")
     p.add_argument("--no-ratio", action="store_true", help="skip the cost-model ratio check")
+    p.add_argument("--ratio-only", action="store_true", help="run only the cost-model ratio check (skip part one)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    if args.ratio_only:
+        return ratio_only(args)
     load_before = os.getloadavg()
     e2e = run_e2e(args)
     ratio = {} if args.no_ratio else ratio_check(args)
@@ -325,11 +364,8 @@ def main(argv=None) -> int:
               f"{r['compute_max']:7.3f} {r['compute_mean']:8.3f} {r['comm']:6.3f} {r['wait']:9.3f} "
               f"{r['wait_compute']:11.3f} {r['gap_by_plan']:7.3f}+-{r['gap_by_plan_se']:5.3f} "
               f"{r['blocked_fast']:11.3f} {r['queued']:6.3f} {r['cost_imbalance']:9.4f} {r['vit_token_ratio']:12.4f}")
-    for name in RATIO_MODELS if ratio else ():
-        print(f"cost-model ratio {name}/base (1 process, 1 thread, frames {ratio['batch_frames']}, base step "
-              f"{ratio['step_cpu_s_base']:.3f} s CPU for {ratio['gflop_base']:.1f} GFLOP): predicted "
-              f"{ratio[f'predicted_ratio_{name}']:.3f}, measured CPU {ratio[f'measured_ratio_{name}']:.3f} "
-              f"(wall {ratio[f'measured_wall_ratio_{name}']:.3f}), error {100 * ratio[f'ratio_error_{name}']:+.1f}%")
+    if ratio:
+        print_ratio_summary(ratio)
     print(f"calibration, per rank and step: CostModel.calibrate -> {fitted.scale[0] * 1e9:.4f} s per GFLOP; "
           f"with an intercept: {overhead:.3f} s + {per_flop * 1e9:.4f} s per GFLOP")
     reduction = lambda key: 1.0 - pl[key] / nv[key] if nv[key] > 0 else None   # noqa: E731

@@ -1,13 +1,14 @@
 """Pruning-aware token balancing: cost model, planner (ranks x micro-batches), packing, metrics.
 
-Pure numpy; no framework imports. See docs/balancing.md.
+Pure numpy; no framework imports (``measure_kernel_rates`` imports torch when called). See docs/balancing.md.
 """
-from .cost_model import CostModel, SampleMeta, SampleTable
+from .cost_model import TERMS, CostModel, KernelRateCostModel, SampleMeta, SampleTable, measure_kernel_rates
 from .metrics import balance_metrics, cost_imbalance
 from .planner import (BalancePlanner, BalancedSchedule, CandidateWindow, Plan, greedy_lpt,
                       karmarkar_karp_equal, refine_pairs)
 from .seq_packing import first_fit_decreasing, pack_sequences, padding_fraction
 
-__all__ = ["CostModel", "SampleMeta", "SampleTable", "BalancePlanner", "BalancedSchedule", "CandidateWindow",
-           "Plan", "greedy_lpt", "karmarkar_karp_equal", "refine_pairs", "pack_sequences",
-           "first_fit_decreasing", "padding_fraction", "balance_metrics", "cost_imbalance"]
+__all__ = ["CostModel", "KernelRateCostModel", "measure_kernel_rates", "TERMS", "SampleMeta", "SampleTable",
+           "BalancePlanner", "BalancedSchedule", "CandidateWindow", "Plan", "greedy_lpt", "karmarkar_karp_equal",
+           "refine_pairs", "pack_sequences", "first_fit_decreasing", "padding_fraction", "balance_metrics",
+           "cost_imbalance"]

@@ -26,17 +26,29 @@ kept patches are spread evenly over the frames (``sum_f k_f^2 >= K^2 / T``), a l
 Everything is multiplied by 3 for training (backward = 2x forward). The connector (3x3 pooling
 and projector) is < 1% of the total and is left out. Costs are FLOPs until :meth:`calibrate`
 fits measured step times, after which they are seconds.
+
+Kernel-rate calibration (no training step needed): FLOPs split into the six ``TERMS`` (linear and
+attention of each component, the LM head counted with the LLM linears); :func:`measure_kernel_rates`
+times the model's own matmul/attention shapes on the device and returns FLOP/s per term, and
+:meth:`CostModel.with_kernel_rates` turns them into a :class:`KernelRateCostModel` whose unscaled
+cost is ``sum_term FLOPs_term / rate_term`` seconds. Rates are per term, never per sample, so
+the cost stays additive over samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 TRAIN_FLOP_FACTOR = 3.0   # forward + backward (2x forward)
 COMPONENTS = ("vit_pre", "vit_post", "llm")
+# Kernel terms of the kernel-rate calibration; each belongs to one component (TERM_COMPONENT).
+TERMS = ("vit_pre_linear", "vit_pre_attn", "vit_post_linear", "vit_post_attn", "llm_linear", "llm_attn")
+TERM_COMPONENT = np.repeat(np.eye(len(COMPONENTS)), 2, axis=0)   # (6, 3): term -> component sum
 
 
 @dataclass
@@ -236,23 +248,53 @@ class CostModel:
                              llm.kv_heads / llm.heads, n * n, llm.vocab_size)
 
     # -- cost -----------------------------------------------------------------------------------
-    def breakdown(self, samples: "SampleTable | Sequence[SampleMeta]") -> np.ndarray:
-        """Unscaled FLOPs, shape ``(n, 3)``: columns ``vit_pre, vit_post, llm``."""
-        t = SampleTable.coerce(samples)
+    def vit_linear_flops_per_row(self) -> float:
+        """Forward FLOPs of one ViT block's linears per patch: qkv + out projection, MLP up + down."""
         D, Mv = float(self.vit_width), float(self.vit_mlp)
+        return 2.0 * (4 * D * D + 2 * D * Mv)
+
+    def llm_linear_flops_per_token(self) -> float:
+        """Forward FLOPs of one LLM layer's linears per token: q, o, k, v (GQA), SwiGLU gate/up/down."""
+        H, F = float(self.llm_hidden), float(self.llm_ffn)
+        return 2.0 * (2 * H * H + 2 * self.llm_kv_ratio * H * H + 3 * H * F)
+
+    def _forward_pieces(self, t: SampleTable) -> dict[str, np.ndarray]:
+        """Forward FLOPs per sample (each ``(n,)``) of ONE ViT block / LLM layer split into linear and
+        attention, plus the LM head; :meth:`breakdown` and :meth:`term_flops` combine them."""
+        D, H = float(self.vit_width), float(self.llm_hidden)
         frames = t.frames.astype(np.float64)
         patches = frames * t.patches_per_frame
         kept = t.vit_patches_kept.astype(np.float64)
-        pre_blocks = self.prune_at + 2
-        post_blocks = self.vit_depth - pre_blocks
-        lin = 2.0 * (4 * D * D + 2 * D * Mv)
-        vit_pre = pre_blocks * (lin * patches + 4.0 * patches ** 2 * D / frames)
-        vit_post = post_blocks * (lin * kept + 4.0 * kept ** 2 * D / frames)
-        H, F = float(self.llm_hidden), float(self.llm_ffn)
         L = t.llm_tokens.astype(np.float64)
-        per_token = 2.0 * (2 * H * H + 2 * self.llm_kv_ratio * H * H + 3 * H * F)
-        llm = self.llm_layers * (per_token * L + 2.0 * L ** 2 * H) + 2.0 * L * H * self.llm_vocab
+        lin = self.vit_linear_flops_per_row()
+        return {"vit_pre_linear": lin * patches, "vit_pre_attn": 4.0 * patches ** 2 * D / frames,
+                "vit_post_linear": lin * kept, "vit_post_attn": 4.0 * kept ** 2 * D / frames,
+                "llm_linear": self.llm_linear_flops_per_token() * L, "llm_attn": 2.0 * L ** 2 * H,
+                "llm_head": 2.0 * L * H * self.llm_vocab}
+
+    def _blocks(self) -> tuple[int, int]:
+        """(ViT blocks before the prune point incl. the key-bias block, ViT blocks after it)."""
+        pre_blocks = self.prune_at + 2
+        return pre_blocks, self.vit_depth - pre_blocks
+
+    def breakdown(self, samples: "SampleTable | Sequence[SampleMeta]") -> np.ndarray:
+        """Unscaled FLOPs, shape ``(n, 3)``: columns ``vit_pre, vit_post, llm``."""
+        p = self._forward_pieces(SampleTable.coerce(samples))
+        pre_blocks, post_blocks = self._blocks()
+        vit_pre = pre_blocks * (p["vit_pre_linear"] + p["vit_pre_attn"])
+        vit_post = post_blocks * (p["vit_post_linear"] + p["vit_post_attn"])
+        llm = self.llm_layers * (p["llm_linear"] + p["llm_attn"]) + p["llm_head"]
         return TRAIN_FLOP_FACTOR * np.stack([vit_pre, vit_post, llm], axis=1)
+
+    def term_flops(self, samples: "SampleTable | Sequence[SampleMeta]") -> np.ndarray:
+        """Training FLOPs per kernel term, shape ``(n, 6)``, columns ``TERMS``; ``@ TERM_COMPONENT``
+        gives :meth:`breakdown` of the FLOP model (up to rounding)."""
+        p = self._forward_pieces(SampleTable.coerce(samples))
+        pre_blocks, post_blocks = self._blocks()
+        terms = [pre_blocks * p["vit_pre_linear"], pre_blocks * p["vit_pre_attn"],
+                 post_blocks * p["vit_post_linear"], post_blocks * p["vit_post_attn"],
+                 self.llm_layers * p["llm_linear"] + p["llm_head"], self.llm_layers * p["llm_attn"]]
+        return TRAIN_FLOP_FACTOR * np.stack(terms, axis=1)
 
     def costs(self, samples: "SampleTable | Sequence[SampleMeta]") -> np.ndarray:
         """Cost per sample, shape ``(n,)``."""
@@ -293,8 +335,55 @@ class CostModel:
         return self._with_scale(tuple(float(c) for c in coef))
 
     def _with_scale(self, scale: tuple[float, ...]) -> "CostModel":
-        kw = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "scale"}
-        return CostModel(**kw, scale=scale)  # type: ignore[arg-type]
+        return dataclasses.replace(self, scale=scale)   # keeps the class (and kernel rates) of self
+
+    def with_kernel_rates(self, rates: Mapping[str, float]) -> "KernelRateCostModel":
+        """A model whose unscaled costs are seconds ``sum_term FLOPs_term / rates[term]``.
+
+        ``rates``: FLOP/s for every name in ``TERMS`` (e.g. from :func:`measure_kernel_rates`).
+        The result's ``scale`` is reset to 1: a scale fitted to FLOPs (seconds per FLOP) would
+        have the wrong unit on seconds. :meth:`calibrate` still works on the result and then
+        fits dimensionless per-component corrections."""
+        missing = [t for t in TERMS if t not in rates]
+        unknown = sorted(set(rates) - set(TERMS))
+        if missing or unknown:
+            raise ValueError(f"CostModel.with_kernel_rates: rates need exactly the terms {TERMS}; "
+                             f"missing {missing}, unknown {unknown}")
+        dims = {k: getattr(self, k) for k in CostModel.__dataclass_fields__ if k != "scale"}
+        return KernelRateCostModel(**dims, kernel_rates=tuple(float(rates[t]) for t in TERMS))
+
+
+@dataclass
+class KernelRateCostModel(CostModel):
+    """:class:`CostModel` whose unscaled cost is kernel time: each term's FLOPs divided by the
+    measured FLOP rate of that term's kernels on the device (``kernel_rates``, FLOP/s, in
+    ``TERMS`` order). :meth:`breakdown` returns seconds per component, shape ``(n, 3)``.
+
+    Use it when the costs must hold across model shapes (comparing configurations, or components
+    whose matrices differ in size): FLOP/s grows with matrix size, so raw FLOPs overrate wide
+    models. A separate class, so that the configuration of plain FLOP models (recorded in the
+    planner's checkpoint state) does not change."""
+    kernel_rates: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        rates = tuple(float(r) for r in self.kernel_rates)
+        if len(rates) != len(TERMS) or not all(np.isfinite(r) and r > 0 for r in rates):
+            raise ValueError(f"KernelRateCostModel: kernel_rates={self.kernel_rates} must be {len(TERMS)} "
+                             f"positive finite FLOP/s, one per term {TERMS}")
+        self.kernel_rates = rates  # type: ignore[assignment]
+
+    @property
+    def rates(self) -> dict[str, float]:
+        return dict(zip(TERMS, self.kernel_rates))
+
+    def term_seconds(self, samples: "SampleTable | Sequence[SampleMeta]") -> np.ndarray:
+        """Kernel seconds per sample and term, shape ``(n, 6)``: ``term_flops / kernel_rates``."""
+        return self.term_flops(samples) / np.asarray(self.kernel_rates)
+
+    def breakdown(self, samples: "SampleTable | Sequence[SampleMeta]") -> np.ndarray:
+        """Unscaled kernel seconds, shape ``(n, 3)``: columns ``vit_pre, vit_post, llm``."""
+        return self.term_seconds(samples) @ TERM_COMPONENT
 
 
 def _nnls_small(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -314,3 +403,136 @@ def _nnls_small(X: np.ndarray, y: np.ndarray) -> np.ndarray:
                 best = np.zeros(n_cols)
                 best[list(cols)] = sol
     return best / colscale
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel-rate calibration
+
+def representative_shapes(samples: "SampleTable | Sequence[SampleMeta]", max_rows: int = 4096) -> dict[str, int]:
+    """Kernel shapes of one training step on ``samples`` (e.g. one micro-batch), for timing.
+
+    ``*_rows``: tokens through one ViT block (before / after pruning) or LLM layer, i.e. rows of
+    their matmuls, capped at ``max_rows`` so the measurement stays short. ``*_len``: attention
+    length (patches per frame for the ViT, ``L`` for the LLM), the mean weighted by attention
+    FLOPs (``sum c l^3 / sum c l^2``) since those dominate the term. ``*_batch``: frames or
+    samples per timed attention call (``<= max_rows // len``)."""
+    t = SampleTable.coerce(samples)
+    if len(t) == 0:
+        raise ValueError("representative_shapes: no samples; pass the metadata of a typical micro-batch")
+    frames = t.frames.astype(np.float64)
+    kept_per_frame = t.vit_patches_kept / frames
+    llm_tokens = t.llm_tokens.astype(np.float64)
+    stages = {"vit_pre": (t.patches_per_frame.astype(np.float64), frames),
+              "vit_post": (kept_per_frame, frames), "llm": (llm_tokens, np.ones(len(t)))}
+    shapes: dict[str, int] = {}
+    for stage, (lengths, counts) in stages.items():
+        length = _flop_weighted_length(lengths, counts)
+        shapes[f"{stage}_rows"] = int(min(max_rows, max(1.0, float(lengths @ counts))))
+        shapes[f"{stage}_len"] = length
+        shapes[f"{stage}_batch"] = int(min(counts.sum(), max(1, max_rows // length)))
+    return shapes
+
+
+def _flop_weighted_length(lengths: np.ndarray, counts: np.ndarray) -> int:
+    """``sum c l^3 / sum c l^2`` rounded, >= 1: the length where most attention FLOPs are spent."""
+    weight = counts * lengths ** 2
+    if weight.sum() <= 0:
+        return 1
+    return max(1, int(round(float(weight @ lengths / weight.sum()))))
+
+
+def measure_kernel_rates(cost_model: CostModel, samples: "SampleTable | Sequence[SampleMeta]", *,
+                         vit_heads: int, llm_heads: int, max_rows: int = 4096, device: str = "cpu",
+                         dtype: Any = None, repeats: int = 5) -> dict[str, float]:
+    """Training FLOP/s of each of ``TERMS`` on ``device``, from the model's own kernel shapes.
+
+    Times, forward + backward (inputs and weights both need gradients, as in a trained block),
+    the matmuls of one ViT block at the pre- and post-pruning row counts, one LLM layer plus the
+    LM head, and ``scaled_dot_product_attention`` at the per-frame (ViT, bidirectional) and
+    per-sample (LLM, causal) lengths of :func:`representative_shapes`. Backward is timed rather
+    than assumed to be 2x forward: its matmuls are the transposed shapes (``dX = dY W^T``,
+    ``dW = X^T dY``, reducing over the rows), which run at a different rate. Each rate is the
+    cost model's FLOP count of the timed work divided by its time, so ``FLOPs_term / rate_term``
+    reproduces the kernel time even where the kernel does more or less work than counted
+    (e.g. causal attention). Times are the minimum over ``repeats`` after one warm-up run:
+    preemption on a shared machine only ever adds time. ``vit_heads``/``llm_heads`` set the head
+    dimension, which the FLOP count does not see. Norms, activations, the optimizer step and
+    the connector are not timed; the rates describe kernels, not whole steps.
+
+    Returns ``{term: FLOP/s}``; feed it to :meth:`CostModel.with_kernel_rates`."""
+    import torch   # lazy: the planner imports this module on every rank; only measuring needs torch
+
+    cm = cost_model
+    if cm.vit_width % vit_heads or cm.llm_hidden % llm_heads:
+        raise ValueError(f"measure_kernel_rates: vit_width={cm.vit_width} / vit_heads={vit_heads} and "
+                         f"llm_hidden={cm.llm_hidden} / llm_heads={llm_heads} must divide evenly")
+    shapes = representative_shapes(samples, max_rows)
+    timer = _KernelTimer(torch, torch.device(device), dtype or torch.get_default_dtype(), repeats)
+    D, Mv, H, F = cm.vit_width, cm.vit_mlp, cm.llm_hidden, cm.llm_ffn
+    kv = round(cm.llm_kv_ratio * H)
+    rates: dict[str, float] = {}
+    for stage in ("vit_pre", "vit_post"):
+        rows, length, batch = (shapes[f"{stage}_{k}"] for k in ("rows", "len", "batch"))
+        seconds = timer.linears(rows, [(D, 3 * D), (D, D), (D, Mv), (Mv, D)])
+        rates[f"{stage}_linear"] = TRAIN_FLOP_FACTOR * cm.vit_linear_flops_per_row() * rows / seconds
+        seconds = timer.attention(batch, length, vit_heads, D // vit_heads, causal=False)
+        rates[f"{stage}_attn"] = TRAIN_FLOP_FACTOR * 4.0 * length ** 2 * D * batch / seconds
+    rows = shapes["llm_rows"]
+    layer_s = timer.linears(rows, [(H, H), (H, kv), (H, kv), (H, H), (H, F), (H, F), (F, H)])
+    head_s = timer.linears(rows, [(H, cm.llm_vocab)]) if cm.llm_vocab else 0.0
+    # one rate for layers + head, weighted as the cost model weights them (both scale with L)
+    flops = cm.llm_layers * cm.llm_linear_flops_per_token() + 2.0 * H * cm.llm_vocab
+    rates["llm_linear"] = TRAIN_FLOP_FACTOR * flops * rows / (cm.llm_layers * layer_s + head_s)
+    length, batch = shapes["llm_len"], shapes["llm_batch"]
+    seconds = timer.attention(batch, length, llm_heads, H // llm_heads, causal=True)
+    rates["llm_attn"] = TRAIN_FLOP_FACTOR * 2.0 * length ** 2 * H * batch / seconds
+    return rates
+
+
+class _KernelTimer:
+    """Forward + backward timings of linears and attention with random data (seconds)."""
+
+    def __init__(self, torch: Any, device: Any, dtype: Any, repeats: int):
+        if repeats < 1:
+            raise ValueError(f"measure_kernel_rates: repeats={repeats} must be >= 1")
+        self.torch, self.device, self.dtype, self.repeats = torch, device, dtype, repeats
+
+    def _randn(self, *shape: int, grad: bool = True):
+        return self.torch.randn(*shape, device=self.device, dtype=self.dtype, requires_grad=grad)
+
+    def linears(self, rows: int, in_out: Sequence[tuple[int, int]]) -> float:
+        """Summed time of ``(rows, in) @ (in, out)`` for each pair, with ``dX`` and ``dW``."""
+        total = 0.0
+        for fan_in, fan_out in in_out:
+            x, w = self._randn(rows, fan_in), self._randn(fan_out, fan_in)
+            grad_out = self._randn(rows, fan_out, grad=False)
+            linear = self.torch.nn.functional.linear
+            total += self._best_time(lambda: self.torch.autograd.grad(linear(x, w), (x, w), grad_out))
+        return total
+
+    def attention(self, batch: int, length: int, heads: int, head_dim: int, causal: bool) -> float:
+        """Time of ``scaled_dot_product_attention`` on ``(batch, length, heads, head_dim)`` q/k/v laid
+        out as the model passes them (transposed views), with the gradients of q, k and v."""
+        q, k, v = (self._randn(batch, length, heads, head_dim) for _ in range(3))
+        grad_out = self._randn(batch, heads, length, head_dim, grad=False)
+        sdpa = self.torch.nn.functional.scaled_dot_product_attention
+
+        def step():
+            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+            return self.torch.autograd.grad(out, (q, k, v), grad_out)
+        return self._best_time(step)
+
+    def _best_time(self, step: Callable[[], Any]) -> float:
+        step()                                   # warm-up: allocator, kernel selection
+        best = float("inf")
+        for _ in range(self.repeats):
+            self._sync()
+            start = time.perf_counter()
+            step()
+            self._sync()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
