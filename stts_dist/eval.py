@@ -2,7 +2,7 @@
 
     stts-eval --checkpoint runs/digits [--data digits|shards:DIR|manifest:FILE] \\
               [--ratios 0,0.3,0.5,0.7,0.8] [--methods scorer,random,uniform,temporal_diff,none] \\
-              [--frames T] [--tts-factor 2] [--samples N] [--out DIR] [--mlflow-uri URI]
+              [--frames T] [--tts-factor 2] [--adaptive S] [--samples N] [--out DIR] [--mlflow-uri URI]
     torchrun --nproc-per-node 4 -m stts_dist.eval --checkpoint ...     # data parallel
 
 Settings evaluated (every one on the same samples and batches):
@@ -12,6 +12,9 @@ Settings evaluated (every one on the same samples and batches):
   with the ratio set so the LLM sees exactly ``G*T`` visual tokens per video, the unpruned
   model's budget at ``T`` frames (r = 1 - 1/k, nudged to the float for which
   ``int(G*r*kT) == G*(kT - T)`` exactly).
+- adaptive budgets (``--adaptive S``, 0 = off): every pruning method at every ratio > 0 with the
+  per-video budgets of ``stts/adaptive.py`` at strength ``S`` (same mean ratio per batch, static
+  clips pruned more, busy ones less), next to the fixed ratio on the same samples.
 
 Metrics: exact-match accuracy (``evaluation.normalize_answer``) overall and per task, mean LLM
 visual tokens and ViT patches per video, and prefill time (median over batches of ViT + scorer +
@@ -58,10 +61,12 @@ class Setting:
     method: str
     prune_ratio: float
     frames: int
-    kind: str                     # baseline | sweep | tts
+    kind: str                     # baseline | sweep | tts | adaptive
 
     @property
     def label(self) -> str:
+        if self.kind == "adaptive":
+            return f"{self.method}@{self.prune_ratio:g} adaptive"
         if self.kind == "tts":
             return f"{self.method}@{self.prune_ratio:.4g} tts {self.frames}f"
         return f"{self.method}@{self.prune_ratio:g}"
@@ -84,8 +89,9 @@ def ratio_for_budget(groups: int, frames: int, kept: int) -> float:
 
 
 def plan_settings(methods: Sequence[str], ratios: Sequence[float], frames: int, groups: int,
-                  tts_factor: float) -> tuple[list[Setting], list[str]]:
-    """(settings in evaluation order, notes on skipped ones)."""
+                  tts_factor: float, adaptive: bool = False) -> tuple[list[Setting], list[str]]:
+    """(settings in evaluation order, notes on skipped ones). ``adaptive``: each sweep setting
+    also once with adaptive per-video budgets (kind "adaptive")."""
     settings = [Setting("none", 0.0, frames, "baseline")]
     notes = []
     pruning = [m for m in methods if m != "none"]
@@ -100,6 +106,8 @@ def plan_settings(methods: Sequence[str], ratios: Sequence[float], frames: int, 
                              f"groups of a {frames}-frame video, but the first frame ({groups}) is always kept")
                 continue
             settings.append(Setting(m, r, frames, "sweep"))
+            if adaptive:
+                settings.append(Setting(m, r, frames, "adaptive"))
     if tts_factor and tts_factor > 1 and pruning:
         tts_frames = int(round(tts_factor * frames))
         r = ratio_for_budget(groups, tts_frames, groups * frames)
@@ -378,6 +386,10 @@ def plot_accuracy_vs_tokens(rows: Sequence[dict], path: Path, title: str) -> Non
         pts = sorted([(r["llm_visual_tokens"], r["acc"]) for r in rows if r["method"] == m and r["kind"] == "sweep"]
                      + [(base["llm_visual_tokens"], base["acc"])])
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", color=colors[i % len(colors)], label=m)
+        adaptive = sorted([(r["llm_visual_tokens"], r["acc"]) for r in rows if r["method"] == m and r["kind"] == "adaptive"])
+        if adaptive:
+            ax.plot([p[0] for p in adaptive], [100 * p[1] for p in adaptive], "x--", color=colors[i % len(colors)],
+                    label=f"{m}, adaptive budgets")
         for r in rows:
             if r["method"] == m and r["kind"] == "tts":
                 ax.plot(r["llm_visual_tokens"], 100 * r["acc"], "*", ms=13, color=colors[i % len(colors)],
@@ -433,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="frames per video (default: the model's data.num_frames)")
     p.add_argument("--tts-factor", type=float, default=2.0, help="test-time scaling: k x frames at the 1x token budget "
                    "(0 or 1 = off)")
+    p.add_argument("--adaptive", type=float, default=0.0, metavar="S",
+                   help="also evaluate adaptive per-video budgets at strength S (0 = off; see stts/adaptive.py)")
     p.add_argument("--samples", type=int, default=0, help="evaluate the first N samples (0 = digits: data.eval_samples, "
                    "else all)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -475,6 +489,8 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
     methods = parse_methods(args.methods)
     if args.batch_size < 1 or args.samples < 0 or (args.frames is not None and args.frames < 1):
         raise EvalError("--batch-size and --frames must be >= 1 and --samples >= 0")
+    if not args.adaptive >= 0:
+        raise EvalError(f"--adaptive {args.adaptive} must be >= 0 (0 = off, 1 = the training default strength)")
     rank, world, created = dist_context()
     try:
         device = pick_device(args.device)
@@ -496,7 +512,7 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
                              "evaluate a manifest (manifest:FILE) to sample more frames")
                 tts = 0
         check_frames = getattr(source, "min_video_frames", frames)
-        settings, skipped = plan_settings(methods, ratios, check_frames, G, tts)
+        settings, skipped = plan_settings(methods, ratios, check_frames, G, tts, adaptive=args.adaptive > 0)
         if check_frames != frames:
             settings = [Setting(s.method, s.prune_ratio, frames, s.kind) for s in settings]
         notes += skipped
@@ -514,7 +530,8 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
                 run_setting(model, tokenizer, samples[:args.batch_size], s, args.batch_size, args.seed,
                             cfg.model.stts.frame_separators, args.max_new_tokens, autocast)
             tallies.append(run_setting(model, tokenizer, samples, s, args.batch_size, args.seed + 7919 * rank,
-                                       cfg.model.stts.frame_separators, args.max_new_tokens, autocast))
+                                       cfg.model.stts.frame_separators, args.max_new_tokens, autocast,
+                                       adaptive_strength=args.adaptive if s.kind == "adaptive" else None))
         tasks = list(source.tasks)
         tallies = reduce_tallies(tallies, tasks, world)
         for n, count in sorted(getattr(source, "short_clips", {}).items()):

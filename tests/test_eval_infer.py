@@ -319,6 +319,25 @@ def test_unreadable_video_and_empty_question(trained_run, tmp_path):
               "--question", "z"])
 
 
+def test_eval_adaptive_rows_keep_the_mean_budget_and_vary_per_video(trained_run, tmp_path):
+    rep = _eval(trained_run, tmp_path / "eval", "--methods", "scorer", "--ratios", "0.5", "--samples", "8",
+                "--batch-size", "8", "--tts-factor", "0", "--adaptive", "1")
+    by = {r["setting"]: r for r in rep["rows"]}
+    assert list(by) == ["none@0", "scorer@0.5", "scorer@0.5 adaptive"]
+    # the batch's total budget is the fixed rule's: the mean over videos stays G*T - int(G*r*T)
+    assert by["scorer@0.5 adaptive"]["llm_visual_tokens"] == by["scorer@0.5"]["llm_visual_tokens"] == 8
+    assert by["scorer@0.5 adaptive"]["kind"] == "adaptive" and by["scorer@0.5 adaptive"]["n"] == 8
+    from stts_dist.data.batch import SequenceBuilder
+    from stts_dist.data.digits import make_sample
+    from stts_dist.tokenizer import default_tokenizer
+    samples = [make_sample(i, 0, T, 32, ["count", "last", "direction", "corner"], split="eval") for i in range(8)]
+    kept = SequenceBuilder(default_tokenizer(), G, 32, False, 1.0)(samples, 0.5, with_answer=False).visual_tokens
+    assert sum(kept) == 8 * 8 and len(set(kept)) > 1   # per-video budgets differ, the total does not
+    with pytest.raises(SystemExit, match="--adaptive -1.0 must be >= 0"):
+        from stts_dist.eval import main
+        main(["--checkpoint", str(trained_run), "--adaptive", "-1"])
+
+
 def test_eval_rejects_bad_options(trained_run):
     from stts_dist.eval import main
     with pytest.raises(SystemExit, match="unknown \\['tome'\\]"):
