@@ -17,7 +17,7 @@ from stts_dist.model.llm import LlamaLM
 from stts_dist.model.vit import VideoViT
 from stts_dist.weights.folder import SafetensorsFolder, WeightsError, write_folder
 from stts_dist.weights.hf_llm import export_hf_llm, llm_config_from_hf, load_hf_llm
-from stts_dist.weights.hf_vit import load_hf_vit, vit_config_from_hf
+from stts_dist.weights.hf_vit import export_hf_vit, load_hf_vit, vit_config_from_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 97  # odd: TP=2 must pad the vocabulary table
@@ -220,6 +220,32 @@ def test_siglip_features_match_transformers_with_resized_positions(tmp_path):
     ref = _siglip_reference(model, frames)
     out = _vit_features(vit, frames)
     assert (out - ref).abs().max() <= 1e-4 and ref.std() > 0.5
+
+
+def test_vit_export_round_trip_is_bit_exact(tmp_path):
+    vit = VideoViT(32, 8, 32, 2, 2, 64).eval()
+    _randomise(vit, 0.2)
+    out = export_hf_vit(vit, tmp_path / "vit")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "siglip_vision_model"
+    back = _our_vit(out, 32)
+    info = load_hf_vit(back, out)
+    assert info["family"] == "siglip" and not info["resized_pos_embed"] and info["tensors"] == 3 + 2 * 16
+    for (name, a), (_, b) in zip(vit.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    frames = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    assert torch.equal(_vit_features(vit, frames), _vit_features(back, frames))
+
+
+@needs_transformers
+def test_exported_vit_is_a_siglip_that_transformers_reads(tmp_path):
+    from transformers import SiglipVisionModel
+    vit = VideoViT(32, 8, 32, 2, 2, 64).eval()
+    _randomise(vit, 0.2)
+    out = export_hf_vit(vit, tmp_path / "vit")
+    model = SiglipVisionModel.from_pretrained(out).eval()
+    frames = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    ref = _siglip_reference(model, frames)
+    assert (_vit_features(vit, frames) - ref).abs().max() <= 1e-4 and ref.std() > 0.5
 
 
 @needs_transformers

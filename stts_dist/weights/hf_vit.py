@@ -244,3 +244,38 @@ def load_hf_vit(vit: VideoViT, path: str | Path, allow_activation_mismatch: bool
         load_parameter(vit, ours, MemoryTensor(value), theirs, _HINT)
     return {"tensors": len(tensors), "family": f["family"], "resized_pos_embed": vit.grid != f["image_size"] // f["patch_size"],
             "config": f}
+
+
+def export_hf_vit(vit: VideoViT, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write ``vit`` as a Hugging Face SigLIP vision tower (``siglip_vision_model``: config.json,
+    model.safetensors, preprocessor_config.json) that :func:`load_hf_vit` -- and so
+    ``model.pretrained.vit_path`` -- loads back exactly. Image mean/std 0.5 is SigLIP's [-1, 1]
+    input range, the same as our frames, so the folded normalisation is the identity; the
+    position embeddings are stored at this ViT's grid (no resize on load at the same size)."""
+    from stts_dist.weights.folder import write_folder
+
+    if model_activation(vit) != "tanh":
+        raise WeightsError("export_hf_vit writes SigLIP (tanh GELU); this ViT computes exact GELU")
+    attn = vit.blocks[0].attn
+    config = {"model_type": "siglip_vision_model", "hidden_size": vit.width,
+              "intermediate_size": vit.blocks[0].mlp.fc1.out_features, "num_hidden_layers": len(vit.blocks),
+              "num_attention_heads": vit.width // attn.head_dim, "patch_size": vit.patch_size,
+              "image_size": vit.grid * vit.patch_size, "num_channels": vit.patch_embed.in_channels,
+              "layer_norm_eps": vit.blocks[0].norm1.eps, "hidden_act": "gelu_pytorch_tanh", **(extra_config or {})}
+    pre = "vision_model."
+    t: dict[str, torch.Tensor] = {
+        pre + "embeddings.patch_embedding.weight": vit.patch_embed.weight,
+        pre + "embeddings.patch_embedding.bias": vit.patch_embed.bias,
+        pre + "embeddings.position_embedding.weight": vit.pos_embed[0],
+    }
+    names = {"norm1": "layer_norm1", "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+             "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.out_proj",
+             "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    params = dict(vit.named_parameters())
+    for i in range(len(vit.blocks)):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                t[f"{pre}encoder.layers.{i}.{theirs}.{kind}"] = params[f"blocks.{i}.{ours}.{kind}"]
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in t.items()}
+    preprocessor = json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "image_processor_type": "SiglipImageProcessor"})
+    return write_folder(out_dir, tensors, config, extra_files={"preprocessor_config.json": preprocessor})

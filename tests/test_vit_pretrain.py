@@ -1,0 +1,63 @@
+"""Stage 0 (ViT digit pre-training): its frames, its training loop and its SigLIP-format output,
+which ``model.pretrained.vit_path`` loads into the VLM."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_digit_frames_are_deterministic_multi_hot_and_drawn_like_the_clips():
+    from stts_dist.train.vit_pretrain import digit_frames
+    a, ya = digit_frames(12, 3, 32)
+    b, yb = digit_frames(12, 3, 32)
+    assert a.shape == (12, 32, 32, 3) and a.dtype == np.uint8 and ya.shape == (12, 10)
+    assert np.array_equal(a, b) and np.array_equal(ya, yb)
+    assert set(ya.sum(1).tolist()) <= {1.0, 2.0, 3.0} and len(set(ya.sum(1).tolist())) > 1
+    c, yc = digit_frames(12, 3, 32, split="eval")
+    assert not np.array_equal(a, c)
+    # a digit is brighter than the background everywhere it is drawn: frames with more digits are brighter
+    one = digit_frames(64, 0, 32, max_digits=1)[0].mean()
+    three = digit_frames(64, 0, 32)[0].mean()
+    assert three > one
+
+
+def test_pretrain_runs_and_exports_a_vit_the_trainer_loads(tmp_path):
+    from stts_dist.config import load_config
+    from stts_dist.train.trainer import Trainer
+    from stts_dist.train.vit_pretrain import main, pretrain
+
+    cfg = load_config(None, tiny_overrides())
+    vit, report = pretrain(cfg.model.vit, steps=30, batch_size=16, lr=3e-3, seed=0, eval_frames=64, log=lambda *_: None)
+    # 30 steps only check the loop runs on real labels (learning to read takes ~thousands of steps:
+    # docs/benchmarks.md); per-digit accuracy is at least near the all-absent prior (0.8)
+    assert 0.0 <= report["after"]["exact_set_acc"] <= 1.0 and report["after"]["per_digit_acc"] >= 0.6
+    out = tmp_path / "vit"
+    assert main(["--out", str(out), "--steps", "2", "--batch-size", "4", "--config", "jobs/default.yaml",
+                 *tiny_overrides()]) == 0
+    saved = json.loads((out / "pretrain_report.json").read_text())
+    assert saved["steps"] == 2 and {"before", "after", "seconds"} <= set(saved)
+    trainer = Trainer(load_config(None, tiny_overrides(**{"model.pretrained.vit_path": str(out),
+                                                          "train.out_dir": str(tmp_path / "run")})), callbacks=[])
+    from safetensors.torch import load_file
+    want = load_file(str(out / "model.safetensors"))["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    vit_loaded = trainer.model.vit.blocks[0].mlp.fc1.weight
+    assert torch.equal(vit_loaded.detach().cpu(), want)
+
+
+def test_pretrain_rejects_bad_options(tmp_path):
+    from stts_dist.train.vit_pretrain import main
+    with pytest.raises(SystemExit, match="--steps and --batch-size must be >= 1"):
+        main(["--config", "jobs/default.yaml", "--out", str(tmp_path / "x"), "--steps", "0"])
+    with pytest.raises(SystemExit, match="unknown|model.vit.widht"):
+        main(["--config", "jobs/default.yaml", "--out", str(tmp_path / "x"), "model.vit.widht=3"])
