@@ -375,6 +375,11 @@ def validate(cfg: Any) -> None:
     _check(d.source in ("digits", "digits_mp4") or bool(d.path),
            f"data.source={d.source} needs data.path (a shard folder or a manifest .jsonl)")
     _check(d.num_frames >= 1, "data.num_frames must be >= 1")
+    if d.source in ("digits", "digits_mp4"):
+        from stts_dist.data.digits import TASKS
+        unknown = [t for t in d.tasks if t not in TASKS]
+        _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "
+               f"the moving-digits tasks are {list(TASKS)}")
     _check(d.min_frames <= d.num_frames, f"data.min_frames={d.min_frames} must be <= data.num_frames={d.num_frames}")
     # Every video must be able to keep its whole first frame: int(G*r*T) <= G*(T-1).
     if s.method != "none" and s.prune_ratio > 0 and d.num_frames > 1:

@@ -32,6 +32,7 @@ def test_wrong_type_names_key():
     ("model.stts.method=tome", "not one of"),
     ("model.vit.image_size=60", "divisible by model.vit.patch_size"),
     ("model.stts.prune_at=5", "prune_at"),
+    ("data.tasks=[count,colour]", "unknown \\['colour'\\]; the moving-digits tasks are"),
 ])
 def test_semantic_errors(ov, match):
     with pytest.raises(ConfigError, match=match):

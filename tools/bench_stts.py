@@ -1,9 +1,11 @@
 """STTS speed benchmark: pruned (r=0.5) vs unpruned, side by side in one run.
 
 Times full training steps (forward + backward + AdamW) and inference prefill of the SAME model
-at prune ratio 0.5 and with no pruning, interleaved (A/B/B/A ...) over several repeats, and
-reports medians; also the analytical FLOP-ideal speed-up and the same three numbers at twice the
-frames; and the overhead of scoring + selection + packing as a fraction of a pruned step.
+at prune ratio 0.5 and with no pruning, interleaved (A/B/B/A ...) over several repeats, at the
+config's frames and at twice the frames (both on one model, alternating within every repeat), and
+reports medians of the paired per-repeat speed-ups (and the ratio of medians); also the
+analytical FLOP-ideal speed-up, and the overhead of scoring + selection + packing as a fraction
+of a pruned step.
 
     .venv/bin/python tools/bench_stts.py --config jobs/bench_cpu.yaml [--repeats 5] [key=value ...]
 
@@ -71,15 +73,30 @@ def time_call(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
+class FrameCase:
+    """One frame count: its batches (unpruned and pruned) and timings, on the shared model."""
+
+    def __init__(self, cfg, model, tok, frames: int):
+        self.frames = frames
+        builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size)
+        samples = [make_sample(i, 0, frames, cfg.model.vit.image_size) for i in range(cfg.train.batch_size)]
+        self.b_none = builder(samples, 0.0).to(DEVICE)
+        self.b_pruned = builder(samples, cfg.model.stts.prune_ratio).to(DEVICE)
+        self.times: dict[str, list[float]] = {k: [] for k in ("train_none", "train_pruned", "infer_none", "infer_pruned")}
+        self.out_pruned = None
+        self.peak: dict[str, float] = {}
+
+
+def bench(cfg, frame_counts: list[int], repeats: int, log) -> list[dict]:
+    """Every frame count on ONE model, interleaved within each repeat (A/B/B/A per frame count,
+    the frame counts alternating too), so slow drifts of a shared machine hit all cases alike.
+    Speed-ups are medians of the per-repeat paired ratios (unpruned / pruned timed back to back),
+    which cancels drifts slower than one repeat; the ratio of medians is reported next to it."""
     torch.manual_seed(0)
     tok = default_tokenizer()
-    cfg.data.num_frames = frames
     model = build_model(cfg.model, tok).to(DEVICE)
-    builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size)
-    samples = [make_sample(i, 0, frames, cfg.model.vit.image_size) for i in range(cfg.train.batch_size)]
+    cases = [FrameCase(cfg, model, tok, f) for f in frame_counts]
     r = cfg.model.stts.prune_ratio
-    b_none, b_pruned = builder(samples, 0.0).to(DEVICE), builder(samples, r).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     # bf16 autocast on GPU (the production setting), fp32 on CPU
@@ -98,37 +115,45 @@ def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
         with amp():
             return model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
 
-    # warm-up both paths (allocator, kernels)
-    out_pruned = train("scorer", b_pruned)
-    train("none", b_none)
-    infer("scorer", b_pruned)
-    infer("none", b_none)
-    times = {k: [] for k in ("train_none", "train_pruned", "infer_none", "infer_pruned")}
+    for c in cases:   # warm-up every path and shape (allocator, kernels)
+        c.out_pruned = train("scorer", c.b_pruned)
+        train("none", c.b_none)
+        infer("scorer", c.b_pruned)
+        infer("none", c.b_none)
     for rep in range(repeats):
-        order = [("none", b_none), ("scorer", b_pruned)]
-        if rep % 2:
-            order.reverse()
-        for method, batch in order:
-            key = "none" if method == "none" else "pruned"
-            times[f"train_{key}"].append(time_call(lambda: train(method, batch)))
-        for method, batch in order:
-            key = "none" if method == "none" else "pruned"
-            times[f"infer_{key}"].append(time_call(lambda: infer(method, batch)))
-        log(f"  T={frames} rep {rep}: " + " ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items()))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    peak = {}
-    if DEVICE.type == "cuda":
-        for key, method, batch in (("none", "none", b_none), ("pruned", "scorer", b_pruned)):
-            torch.cuda.reset_peak_memory_stats()
-            train(method, batch)
-            peak[f"train_peak_mem_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
+        for c in (cases if rep % 2 == 0 else cases[::-1]):
+            order = [("none", c.b_none), ("scorer", c.b_pruned)]
+            if rep % 2:
+                order.reverse()
+            for method, batch in order:
+                key = "none" if method == "none" else "pruned"
+                c.times[f"train_{key}"].append(time_call(lambda: train(method, batch)))
+            for method, batch in order:
+                key = "none" if method == "none" else "pruned"
+                c.times[f"infer_{key}"].append(time_call(lambda: infer(method, batch)))
+            log(f"  T={c.frames} rep {rep}: " + " ".join(f"{k}={v[-1]:.3f}s" for k, v in c.times.items()))
+    if DEVICE.type == "cuda":   # peak memory of a full training step (optimizer state included)
+        for c in cases:
+            for key, method, batch in (("none", "none", c.b_none), ("pruned", "scorer", c.b_pruned)):
+                torch.cuda.reset_peak_memory_stats()
+                train(method, batch)
+                c.peak[f"train_peak_mem_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
+    return [summarize_case(cfg, model, c, r, repeats) for c in cases]
 
+
+def paired_speedup(slow: list[float], fast: list[float]) -> float:
+    """Median over repeats of slow[i] / fast[i] (timed back to back in repeat i)."""
+    return statistics.median(a / b for a, b in zip(slow, fast))
+
+
+def summarize_case(cfg, model, c: FrameCase, r: float, repeats: int) -> dict:
+    med = {k: statistics.median(v) for k, v in c.times.items()}
     # overhead of scorer + selection + key bias + packing, timed on the same tensors
     with torch.no_grad():
-        x = model.vit.blocks[0](model.vit(b_pruned.frames))   # features entering the scorer
+        x = model.vit.blocks[0](model.vit(c.b_pruned.frames))   # features entering the scorer
     x.requires_grad_(True)
     grid, g = model.vit.grid, cfg.model.connector.pool_size
-    layout = b_pruned.layout
+    layout = c.b_pruned.layout
 
     def overhead():
         scores = model.scorer(x, grid, layout)
@@ -142,14 +167,16 @@ def bench_frames(cfg, frames: int, repeats: int, log) -> dict:
     overhead()
     ov = statistics.median(time_call(overhead) for _ in range(max(3, repeats)))
     return {
-        "frames": frames,
-        "train_speedup": med["train_none"] / med["train_pruned"],
-        "infer_speedup": med["infer_none"] / med["infer_pruned"],
-        "flop_ideal_speedup": flop_ratio(cfg, model, b_none, b_pruned, out_pruned),
+        "frames": c.frames,
+        "train_speedup": paired_speedup(c.times["train_none"], c.times["train_pruned"]),
+        "infer_speedup": paired_speedup(c.times["infer_none"], c.times["infer_pruned"]),
+        "flop_ideal_speedup": flop_ratio(cfg, model, c.b_none, c.b_pruned, c.out_pruned),
+        "train_speedup_of_medians": med["train_none"] / med["train_pruned"],
+        "infer_speedup_of_medians": med["infer_none"] / med["infer_pruned"],
         "train_step_s_unpruned": med["train_none"], "train_step_s_pruned": med["train_pruned"],
         "prefill_s_unpruned": med["infer_none"], "prefill_s_pruned": med["infer_pruned"],
         "stts_overhead_fraction": ov / med["train_pruned"],
-        **peak,
+        **c.peak,
     }
 
 
@@ -167,10 +194,10 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     log(f"device={name} config={args.config}")
     base = cfg.data.num_frames
-    r1 = bench_frames(cfg.copy(), base, args.repeats, log)
-    r2 = bench_frames(cfg.copy(), base * 2, args.repeats, log)
+    r1, r2 = bench(cfg, [base, base * 2], args.repeats, log)
     result = dict(r1)
     for k in ("train_speedup", "infer_speedup", "flop_ideal_speedup", "stts_overhead_fraction",
+              "train_speedup_of_medians", "infer_speedup_of_medians",
               "train_step_s_unpruned", "train_step_s_pruned", "prefill_s_unpruned", "prefill_s_pruned"):
         result[f"{k}_2x"] = r2[k]
     result["frames_2x"] = r2["frames"]
