@@ -75,8 +75,11 @@ def _sample_from(decoded: dict[str, Any], index: DatasetIndex, dataset: int, sam
             "task": record["task"], "fps": record["fps"], "turns": record["turns"], "meta": meta}
 
 
-class _RankSlice(torch.utils.data.IterableDataset):
-    """Positions ``[start, stop)`` of one rank's epoch order, read by DataLoader workers."""
+class RankSlice(torch.utils.data.IterableDataset):
+    """Positions ``[start, stop)`` of one rank's epoch order, read by DataLoader workers.
+
+    Public: the pruning-aware balancer (``stts_dist.train.balanced_source``) reads its planned
+    rows through it too. ``order``: (P, 2) int rows of (dataset, sample) into ``indexes``."""
 
     def __init__(self, indexes: list[DatasetIndex], order: np.ndarray, start: int, stop: int,
                  frames_dtype: str, on_corrupt: str, chunk: int = 1):
@@ -220,7 +223,7 @@ class VideoLoader:
         order = self.plan.rank_order(self.epoch, self.dp_rank)
         workers = self.cfg.num_workers if num_workers is None else num_workers
         chunk = max(1, min(self.cfg.worker_chunk, -(-(stop - self.position) // max(1, workers))))
-        rank_slice = _RankSlice(self.indexes, order, self.position, stop, self.cfg.frames_dtype, self.cfg.on_corrupt,
+        rank_slice = RankSlice(self.indexes, order, self.position, stop, self.cfg.frames_dtype, self.cfg.on_corrupt,
                                 chunk)
         workers_iter = None
         if workers > 0 and stop > self.position:

@@ -130,11 +130,11 @@ class ShardRowReader:
     def _samples(self, rows: np.ndarray) -> Iterator[dict]:
         import torch.utils.data
 
-        from data_pipeline.loader import _RankSlice, unpack_chunk
+        from data_pipeline.loader import RankSlice, unpack_chunk
         order = np.stack([np.zeros(len(rows), np.int64), np.asarray(rows, np.int64)], axis=1)
         workers = min(self.num_workers, len(rows))
         chunk = max(1, min(self.worker_chunk, -(-len(rows) // max(1, workers))))
-        reader = _RankSlice([self.index], order, 0, len(order), "uint8", "error", chunk)
+        reader = RankSlice([self.index], order, 0, len(order), "uint8", "error", chunk)
         if workers <= 0:
             yield from reader
             return
