@@ -1,0 +1,58 @@
+"""tools/accuracy_study.py's summary: the issue-7 targets are computed from stts-eval's rows."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("accuracy_study", ROOT / "tools" / "accuracy_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(setting, method, ratio, kind, acc, tokens, speedup=1.0):
+    return {"setting": setting, "method": method, "prune_ratio": ratio, "frames": 16 if kind == "tts" else 8,
+            "kind": kind, "n": 100, "acc": acc, "acc/count": acc, "acc/last": acc, "llm_visual_tokens": tokens,
+            "speedup": speedup}
+
+
+def _write(out: Path, model: str, accs: dict, adaptive: dict):
+    rows = [_row("none@0", "none", 0.0, "baseline", accs["none@0"], 128)]
+    for m in ("scorer", "random", "uniform", "temporal_diff"):
+        for r in (0.3, 0.5, 0.7, 0.8):
+            rows.append(_row(f"{m}@{r:g}", m, r, "sweep", accs.get(f"{m}@{r:g}", 0.5), 128 - int(128 * r),
+                             speedup=1 / (1 - r / 2)))
+        rows.append(_row(f"{m}@0.5 tts 16f", m, 0.5, "tts", accs.get(f"{m} tts", 0.5), 128))
+    ad = [_row("none@0", "none", 0.0, "baseline", accs["none@0"], 128)]
+    for m in ("scorer", "temporal_diff"):
+        for r in (0.3, 0.5, 0.7, 0.8):
+            ad.append(_row(f"{m}@{r:g}", m, r, "sweep", accs.get(f"{m}@{r:g}", 0.5), 128 - int(128 * r)))
+            ad.append(_row(f"{m}@{r:g} adaptive", m, r, "adaptive", adaptive.get(f"{m}@{r:g}", 0.5), 128 - int(128 * r)))
+    for sub, data in (("eval", rows), ("eval_adaptive", ad)):
+        (out / model / sub).mkdir(parents=True)
+        (out / model / sub / "results.json").write_text(json.dumps({"rows": data}))
+
+
+def test_summary_checks_the_targets_from_the_rows(tmp_path):
+    study = _study()
+    _write(tmp_path, "unpruned", {"none@0": 0.80, "random@0.8": 0.70, "uniform@0.8": 0.60}, {})
+    _write(tmp_path, "stts50", {"none@0": 0.79, "scorer@0.5": 0.795, "scorer tts": 0.81},
+           {"scorer@0.5": 0.80})
+    _write(tmp_path, "stts80", {"none@0": 0.78, "scorer@0.8": 0.75, "random@0.8": 0.74, "uniform@0.8": 0.70},
+           {"scorer@0.8": 0.77})
+    res = study.summarize(tmp_path)
+    assert abs(res["stts50_minus_unpruned"] - (-0.5)) < 1e-9          # 79.5 vs 80.0
+    assert abs(res["stts80_minus_random"] - 1.0) < 1e-9 and abs(res["stts80_minus_uniform"] - 5.0) < 1e-9
+    assert abs(res["stts80_minus_random_on_unpruned_model"] - 5.0) < 1e-9
+    assert abs(res["tts_minus_unpruned"] - 1.0) < 1e-9 and res["tts_setting"] == "scorer@0.5 tts 16f"
+    assert abs(res["adaptive_minus_fixed_stts50"] - 0.5) < 1e-9 and abs(res["adaptive_minus_fixed_stts80"] - 2.0) < 1e-9
+    assert res["targets"] == {"stts50_within_0.7pt": True, "stts80_beats_random_uniform_by_2pt": False,
+                              "tts_at_least_unpruned": True}
+    assert abs(res["prefill_speedup"]["0.5"] - 1 / 0.75) < 1e-9
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| model | setting |") and len(table) == 2 + 3 * (21 + 8)
+    assert (tmp_path / "accuracy_study.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "summary.json").read_text())["targets"] == res["targets"]
