@@ -148,3 +148,17 @@ def test_scorer_with_a_narrow_pooling_width_still_learns_from_the_lm_loss(tiny_c
     assert model.scorer.pool.q.in_features == 16
     model(builder(samples, 0.5), aux_weight=0.0).loss.backward()
     assert float(model.scorer.down.weight.grad.abs().sum()) > 0
+
+
+def test_digits_tasks_answers_and_motion():
+    from stts_dist.data.digits import ANSWERS, DEFAULT_TASKS, QUESTIONS, TASKS
+    assert set(DEFAULT_TASKS) < set(TASKS) and "shown" in TASKS
+    seen = set()
+    for i in range(40):
+        s = make_sample(i, 0, 6, 32, TASKS)
+        seen.add(s["task"])
+        assert s["question"] == QUESTIONS[s["task"]] and s["answer"] in ANSWERS[s["task"]]
+        assert s["frames"].shape == (6, 32, 32, 3) and not (s["frames"][0] == s["frames"][-1]).all()  # digits move
+    assert seen == set(TASKS)
+    # the default mix never draws the digit-reading task
+    assert {make_sample(i, 0, 4, 32)["task"] for i in range(60)} == set(DEFAULT_TASKS)
