@@ -51,7 +51,7 @@ def test_summary_checks_the_targets_from_the_rows(tmp_path):
     assert abs(res["adaptive_minus_fixed_stts50"] - 0.5) < 1e-9 and abs(res["adaptive_minus_fixed_stts80"] - 2.0) < 1e-9
     assert res["targets"] == {"stts50_within_0.7pt": True, "stts80_beats_random_uniform_by_2pt": False,
                               "tts_at_least_unpruned": True}
-    assert abs(res["prefill_speedup"]["0.5"] - 1 / 0.75) < 1e-9
+    assert abs(res["prefill_speedup"]["scorer"]["0.5"] - 1 / 0.75) < 1e-9
     table = (tmp_path / "summary.md").read_text().splitlines()
     assert table[0].startswith("| model | setting |") and len(table) == 2 + 3 * (21 + 8)
     assert (tmp_path / "accuracy_study.png").stat().st_size > 10_000
