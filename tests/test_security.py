@@ -228,23 +228,27 @@ def test_no_config_resolver_is_registered():
 def test_config_values_are_data_never_resolved_or_evaluated(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from stts_dist.config import flatten, load_config, to_yaml
+    from stts_dist.config import ConfigError, flatten, load_config, to_yaml
 
     monkeypatch.setenv("STTS_TEST_SECRET", "hunter2")
     sentinel = tmp_path / "pwned"
     code = f"__import__('os').system('touch {sentinel}')"
     p = tmp_path / "job.yaml"
     p.write_text(f"name: \"{code}\"\ntracking:\n  run_name: ${{oc.env:STTS_TEST_SECRET}}\n"
-                 "data:\n  tasks: [count, '${oc.env:STTS_TEST_SECRET}']\n")
+                 "optim:\n  freeze: [vit, '${oc.env:STTS_TEST_SECRET}']\n")
     cfg = load_config(p, ["tracking.experiment=${oc.env:STTS_TEST_SECRET}"])
     assert cfg.name == code and not sentinel.exists()
     assert cfg.tracking.run_name == "${oc.env:STTS_TEST_SECRET}" == cfg.tracking.experiment
-    assert list(cfg.data.tasks) == ["count", "${oc.env:STTS_TEST_SECRET}"]
+    assert list(cfg.optim.freeze) == ["vit", "${oc.env:STTS_TEST_SECRET}"]
     everything = json.dumps(OmegaConf.to_container(cfg, resolve=True)) + to_yaml(cfg) + json.dumps(flatten(cfg))
     assert "hunter2" not in everything            # the variable was never read
     reloaded = tmp_path / "saved.yaml"            # checkpoints store to_yaml(cfg) and load it again
     reloaded.write_text(to_yaml(cfg))
     assert load_config(reloaded).tracking.run_name == "${oc.env:STTS_TEST_SECRET}"
+    # a validated field names the literal text, never the resolved value
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.tasks=[count,'${oc.env:STTS_TEST_SECRET}']"])
+    assert "${oc.env:STTS_TEST_SECRET}" in str(err.value) and "hunter2" not in str(err.value)
 
 
 @pytest.mark.parametrize("text, match", [
