@@ -75,23 +75,35 @@ def _digit_sprite(images: np.ndarray, idx: int, px: int) -> np.ndarray:
     return src[ys][:, ys]
 
 
+def split_digit_indices(split: str) -> list[np.ndarray]:
+    """Indices of the MNIST images of each class (10 arrays) in ``split``: "train" takes the first
+    90% of each class, "eval" the last 10%, so evaluation never sees a training digit image."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    _, labels = load_mnist()
+    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    cut = [int(len(ix) * 0.9) for ix in by_class]
+    return [ix[:k] if split == "train" else ix[k:] for ix, k in zip(by_class, cut)]
+
+
+def sprite_size(image_size: int) -> int:
+    """Side of a digit sprite in a frame of ``image_size`` pixels."""
+    return max(8, int(round(image_size * 0.34)))
+
+
 def make_sample(index: int, seed: int, num_frames: int, image_size: int,
                 tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, split: str = "train") -> dict[str, Any]:
     """One QA video. ``frames``: uint8 (T, H, W, 3).
 
     ``split``: "train" draws digit images from the first 90% of each class, "eval" from the
     last 10%, so evaluation never sees a training digit image."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    images, labels = load_mnist()
+    images, _ = load_mnist()
+    by_class = split_digit_indices(split)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
     task = tasks[int(rng.integers(len(tasks)))]
     T, S = num_frames, image_size
-    px = max(8, int(round(S * 0.34)))
+    px = sprite_size(S)
     margin = S - px
-    by_class = [np.flatnonzero(labels == c) for c in range(10)]
-    cut = [int(len(ix) * 0.9) for ix in by_class]
-    by_class = [ix[:k] if split == "train" else ix[k:] for ix, k in zip(by_class, cut)]
 
     n = {"count": int(rng.integers(1, 4)), "last": 3, "direction": 2, "corner": 2, "shown": 1}[task]
     classes = rng.choice(10, size=n, replace=False)

@@ -42,15 +42,13 @@ def digit_frames(count: int, seed: int, image_size: int, split: str = "train",
     """``(frames uint8 (count, S, S, 3), labels float32 (count, 10) multi-hot)``: 1..max_digits
     digits of distinct classes at random positions over a task background. Deterministic in
     ``(seed, split)``; ``split`` selects the same 90/10 split of digit images as the QA task."""
-    from stts_dist.data.digits import _background, _digit_sprite, load_mnist
+    from stts_dist.data.digits import _background, _digit_sprite, load_mnist, split_digit_indices, sprite_size
 
-    images, labels = load_mnist()
-    by_class = [np.flatnonzero(labels == c) for c in range(NUM_CLASSES)]
-    cut = [int(len(ix) * 0.9) for ix in by_class]
-    by_class = [ix[:k] if split == "train" else ix[k:] for ix, k in zip(by_class, cut)]
+    images, _ = load_mnist()
+    by_class = split_digit_indices(split)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, 7])
     S = image_size
-    px = max(8, int(round(S * 0.34)))          # the QA clips' sprite size
+    px = sprite_size(S)                       # the QA clips' sprite size
     frames = np.empty((count, S, S, 3), np.uint8)
     target = np.zeros((count, NUM_CLASSES), np.float32)
     for i in range(count):
