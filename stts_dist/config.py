@@ -76,7 +76,7 @@ class STTSConfig:
     detach_aux_target: bool = False
     key_bias: bool = True         # log-score key bias in block prune_at+1 (LM-gradient path)
     key_bias_floor: float = -2.0  # scores rescaled per frame to [exp(floor), 1]
-    frame_separators: bool = False
+    frame_separators: bool = True   # a <frame> token before each frame's kept tokens (docs/stts.md)
     attention_backend: str = "auto"
     # Adaptive ratio per video: each batch's pruning budget is shared out by content (pixel
     # novelty of each clip, measured when the batch is built: static clips pruned more, busy ones
@@ -118,6 +118,7 @@ class DataConfig:
     eval_samples: int = 256
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["count", "last", "direction", "corner"])
+    digit_style: str = "mnist"    # digits tasks: mnist (handwritten) | printed (a font, quicker to learn)
     num_workers: int = 0
 
 
@@ -376,10 +377,11 @@ def validate(cfg: Any) -> None:
            f"data.source={d.source} needs data.path (a shard folder or a manifest .jsonl)")
     _check(d.num_frames >= 1, "data.num_frames must be >= 1")
     if d.source in ("digits", "digits_mp4"):
-        from stts_dist.data.digits import TASKS
+        from stts_dist.data.digits import DIGIT_STYLES, TASKS
         unknown = [t for t in d.tasks if t not in TASKS]
         _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "
                f"the moving-digits tasks are {list(TASKS)}")
+        _check(d.digit_style in DIGIT_STYLES, f"data.digit_style='{d.digit_style}' must be one of {DIGIT_STYLES}")
     _check(d.min_frames <= d.num_frames, f"data.min_frames={d.min_frames} must be <= data.num_frames={d.num_frames}")
     # Every video must be able to keep its whole first frame: int(G*r*T) <= G*(T-1).
     if s.method != "none" and s.prune_ratio > 0 and d.num_frames > 1:

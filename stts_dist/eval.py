@@ -43,6 +43,7 @@ import torch
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import normalize_answer
 from stts_dist.infer import InferenceInputError, pick_device, timed_generate, vit_patches_per_sample
+from stts_dist.object_coverage import CoverageCounts, sample_coverage
 from stts_dist.stts.budget import llm_visual_tokens, pruned_groups
 from stts_dist.stts.selection import METHODS
 
@@ -153,7 +154,8 @@ class DigitsSource:
     def samples(self, frames: int, rank: int, world: int) -> list[dict]:
         from stts_dist.data.digits import make_sample
         d = self.cfg.data
-        return [make_sample(i, d.seed, frames, self.cfg.model.vit.image_size, list(d.tasks), split="eval")
+        return [make_sample(i, d.seed, frames, self.cfg.model.vit.image_size, list(d.tasks), split="eval",
+                            style=d.digit_style)
                 for i in range(rank, self.count, world)]
 
 
@@ -239,6 +241,7 @@ class Tally:
     vit_patches_kept: int = 0
     frames: int = 0
     prefill_s: list[float] = field(default_factory=list)
+    coverage: CoverageCounts = field(default_factory=CoverageCounts)   # samples with object annotations
 
 
 def _answer_tokens(tokenizer, samples: Sequence[dict]) -> int:
@@ -248,14 +251,18 @@ def _answer_tokens(tokenizer, samples: Sequence[dict]) -> int:
 
 @torch.no_grad()
 def run_setting(model, tokenizer, samples: Sequence[dict], setting: Setting, batch_size: int, seed: int,
-                frame_separators: bool = False, max_new_tokens: int = 0, autocast: Any = None,
+                frame_separators: Optional[bool] = None, max_new_tokens: int = 0, autocast: Any = None,
                 adaptive_strength: Optional[float] = None) -> Tally:
+    """One setting over ``samples``. ``frame_separators``: None = the model's own setting."""
+    if frame_separators is None:
+        frame_separators = model.cfg.stts.frame_separators
     builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators,
                               adaptive_strength)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     tally = Tally()
     G = model.groups_per_frame
+    image_size, patch, pool = model.cfg.vit.image_size, model.cfg.vit.patch_size, model.cfg.connector.pool_size
     for i in range(0, len(samples), batch_size):
         chunk = list(samples[i:i + batch_size])
         try:
@@ -272,6 +279,11 @@ def run_setting(model, tokenizer, samples: Sequence[dict], setting: Setting, bat
                                                 setting.prune_ratio, gen)
         tally.prefill_s.append(seconds)
         patches = vit_patches_per_sample(model, info["keep"], batch.layout.lengths)
+        keep = info["keep"].cpu().numpy()
+        for s, start, T in zip(chunk, batch.layout.starts, batch.layout.lengths):
+            counts = sample_coverage(s, keep[start:start + T], image_size, patch, pool)
+            if counts is not None:
+                tally.coverage.add(counts)
         for s, out, (before, after), n_vis, T in zip(chunk, ids, patches, info["llm_visual_tokens"],
                                                      batch.layout.lengths):
             task = task_of(s)
@@ -308,7 +320,7 @@ def reduce_tallies(tallies: list[Tally], tasks: list[str], world: int) -> list[T
     import torch.distributed as dist
     counts = torch.tensor([[t.correct.get(k, 0) for k in tasks] + [t.total.get(k, 0) for k in tasks] +
                            [t.llm_tokens, t.llm_tokens_unpruned, t.vit_patches, t.vit_patches_kept, t.frames]
-                           for t in tallies], dtype=torch.float64)
+                           + t.coverage.as_list() for t in tallies], dtype=torch.float64)
     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     times: list[Any] = [None] * world
     dist.all_gather_object(times, [t.prefill_s for t in tallies])
@@ -317,7 +329,7 @@ def reduce_tallies(tallies: list[Tally], tasks: list[str], world: int) -> list[T
     for j, row in enumerate(counts.round().long().tolist()):
         out.append(Tally({k: row[i] for i, k in enumerate(tasks)}, {k: row[n + i] for i, k in enumerate(tasks)},
                          row[2 * n], row[2 * n + 1], row[2 * n + 2], row[2 * n + 3], row[2 * n + 4],
-                         [s for rank_times in times for s in rank_times[j]]))
+                         [s for rank_times in times for s in rank_times[j]], CoverageCounts.from_list(row[2 * n + 5:])))
     return out
 
 
@@ -336,6 +348,8 @@ def summarize(settings: Sequence[Setting], tallies: Sequence[Tally], tasks: Sequ
                    vit_patches=t.vit_patches / max(n, 1), vit_patches_kept=t.vit_patches_kept / max(n, 1),
                    prefill_ms=statistics.median(t.prefill_s) * 1e3 if t.prefill_s else float("nan"),
                    batches=len(t.prefill_s))
+        if t.coverage.videos:
+            row.update(t.coverage.metrics())
         rows.append(row)
     base = rows[0]["prefill_ms"]
     for row in rows:
@@ -347,10 +361,13 @@ def format_table(rows: Sequence[dict], tasks: Sequence[str]) -> str:
     cols = ["setting", "frames_mean", "llm_visual_tokens", "vit_patches_kept", "acc"] + [f"acc/{k}" for k in tasks] + \
         ["prefill_ms", "speedup", "n"]
     heads = ["setting", "T", "LLM tok", "ViT kept", "acc"] + list(tasks) + ["prefill ms", "speed-up", "n"]
+    if any("obj_recall" in r for r in rows):   # object annotations (digits): what each method kept
+        cols += list(COVERAGE_COLUMNS)
+        heads += list(COVERAGE_COLUMNS.values())
 
     def cell(row: dict, c: str) -> str:
-        v = row[c]
-        if c.startswith("acc"):
+        v = row.get(c, float("nan"))
+        if c.startswith("acc") or c in COVERAGE_COLUMNS and not c.startswith("kept_"):
             return "-" if v != v else f"{100 * v:.1f}"
         if isinstance(v, float):
             return f"{v:.2f}" if c in ("prefill_ms", "speedup") else f"{v:.1f}"
@@ -364,9 +381,15 @@ def format_table(rows: Sequence[dict], tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+# object-coverage columns of the console table (stts_dist/object_coverage.py), ratios shown in %
+COVERAGE_COLUMNS = {"obj_recall": "obj R", "obj_precision": "obj P", "obj_coverage_frame": "obj cov/f",
+                    "obj_coverage_clip": "obj cov/clip", "frame_coverage": "frame cov",
+                    "kept_first_frame": "kept f0", "kept_later_frames": "kept f1+"}
+
+
 def write_csv(rows: Sequence[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
 
@@ -378,7 +401,10 @@ def plot_accuracy_vs_tokens(rows: Sequence[dict], path: Path, title: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    with_objects = any("obj_recall" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_objects else 1, figsize=(11.5 if with_objects else 6.4, 4.4), dpi=100,
+                             squeeze=False)
+    ax = axes[0, 0]
     base = rows[0]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["kind"] != "baseline"))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -403,6 +429,18 @@ def plot_accuracy_vs_tokens(rows: Sequence[dict], path: Path, title: str) -> Non
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if with_objects:   # object recall of the kept groups (frames >= 1) vs tokens kept, per method
+        ax2 = axes[0, 1]
+        for i, m in enumerate(methods):
+            pts = sorted((r["llm_visual_tokens"], r["obj_recall"]) for r in rows
+                         if r["method"] == m and r["kind"] == "sweep" and "obj_recall" in r)
+            if pts:
+                ax2.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", color=colors[i % len(colors)], label=m)
+        ax2.set_xlabel("LLM visual tokens kept per video")
+        ax2.set_ylabel("object recall, frames >= 1 (%)")
+        ax2.set_title("share of the digits' groups kept", fontsize=9)
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -425,7 +463,7 @@ def log_to_mlflow(uri: str, experiment: str, report: dict, out_dir: Path, artifa
         metrics = {}
         for row in report["rows"]:
             for k in ["acc", "llm_visual_tokens", "vit_patches_kept", "prefill_ms", "speedup"] + \
-                     [c for c in row if c.startswith("acc/")]:
+                     [c for c in row if c.startswith("acc/")] + [c for c in COVERAGE_COLUMNS if c in row]:
                 v = row[k]
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     metrics[metric_name(f"{row['setting']}/{k}")] = float(v)

@@ -11,7 +11,7 @@ def normalize_answer(text: str) -> str:
 
 
 def evaluate(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, prune_ratio: float,
-             batch_size: int = 16, seed: int = 0, frame_separators: bool = False,
+             batch_size: int = 16, seed: int = 0, frame_separators: Optional[bool] = None,
              adaptive_strength: Optional[float] = None) -> dict[str, float]:
     """Returns ``{"acc": overall, "acc/<task>": per task, "n": count, "llm_visual_tokens": mean}``
     (the training loop's summary of one ``stts-eval`` setting, on the model's device)."""
@@ -29,4 +29,6 @@ def evaluate(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, p
     res = {"acc": sum(tally.correct.values()) / max(n, 1), "n": n, "llm_visual_tokens": tally.llm_tokens / max(n, 1)}
     for t in sorted(tally.total):
         res[f"acc/{t}"] = tally.correct[t] / tally.total[t]
+    if tally.coverage.videos:   # where the objects are known (the digits task): what the method kept
+        res.update(tally.coverage.metrics())
     return res

@@ -132,8 +132,11 @@ class Answer:
 
 @torch.no_grad()
 def answer_videos(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, prune_ratio: float,
-                  max_new_tokens: int = 8, seed: int = 0, frame_separators: bool = False) -> list[Answer]:
-    """Answer every sample ``{"frames": (T,H,W,3) uint8, "question", "video"}`` in ONE batch."""
+                  max_new_tokens: int = 8, seed: int = 0, frame_separators: Optional[bool] = None) -> list[Answer]:
+    """Answer every sample ``{"frames": (T,H,W,3) uint8, "question", "video"}`` in ONE batch.
+    ``frame_separators``: None = the model's own setting (the prompt must match how it was trained)."""
+    if frame_separators is None:
+        frame_separators = model.cfg.stts.frame_separators
     model.eval()
     device = next(model.parameters()).device
     ratio = 0.0 if method == "none" else prune_ratio

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from stts_dist.object_coverage import count_coverage, object_group_masks
 from stts_dist.stts.layout import FrameLayout
 
 CELL = 128          # frame tile side, pixels
@@ -35,6 +36,7 @@ BACKGROUND = (250, 250, 250)
 TEXT = (20, 20, 20)
 BAR = (60, 110, 200)
 BAR_EMPTY = (215, 220, 230)
+OBJECT_MARK = (255, 60, 200)     # corner marker of a group that holds part of a digit
 # viridis at 0, .25, .5, .75, 1 (low score = dark purple, high = yellow)
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
 
@@ -76,8 +78,10 @@ def _group_boxes(group_grid: int, group_px: int, size: int, scale: float) -> lis
     return boxes
 
 
-def overlay_frame(frame: np.ndarray, keep_row: np.ndarray, group_grid: int, group_px: int, cell: int) -> Image.Image:
-    """One frame (H, W, 3) uint8 scaled to ``cell`` px: pruned groups dimmed + hatched, kept outlined."""
+def overlay_frame(frame: np.ndarray, keep_row: np.ndarray, group_grid: int, group_px: int, cell: int,
+                  object_row: Optional[np.ndarray] = None) -> Image.Image:
+    """One frame (H, W, 3) uint8 scaled to ``cell`` px: pruned groups dimmed + hatched, kept outlined;
+    ``object_row`` (G,) bool: groups holding part of a digit get a marker in their corner."""
     size = frame.shape[0]
     scale = cell / size
     img = np.asarray(Image.fromarray(frame).resize((cell, cell), Image.NEAREST)).astype(np.float32)
@@ -97,6 +101,11 @@ def overlay_frame(frame: np.ndarray, keep_row: np.ndarray, group_grid: int, grou
                 a = (x0 + max(k, 0), y0 + max(-k, 0))
                 b = (x0 + min(k + h, w), y0 + min(h, w - k))
                 draw.line((a, b), fill=HATCH, width=1)
+    if object_row is not None:
+        r = max(2, cell // 40)
+        for (x0, y0, _, _), is_object in zip(boxes, object_row):
+            if is_object:
+                draw.rectangle((x0 + 2, y0 + 2, x0 + 2 + 2 * r, y0 + 2 + 2 * r), fill=OBJECT_MARK)
     return out
 
 
@@ -123,8 +132,10 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, max_px: int, font) -> str:
 
 
 def render_kept_tokens(frames: np.ndarray, kept: KeptTokens, out_path: str | Path, title: str = "",
-                       cell: int = CELL, columns: int = MAX_COLUMNS) -> Path:
-    """Write the kept-token picture of one video. frames: (T, H, W, 3) uint8. Returns the path."""
+                       cell: int = CELL, columns: int = MAX_COLUMNS, objects: Optional[np.ndarray] = None) -> Path:
+    """Write the kept-token picture of one video. frames: (T, H, W, 3) uint8. ``objects``: (n, T, G)
+    bool object groups (``object_coverage.object_group_masks``) -- marked on the frames, with the
+    object recall / precision of this selection in the header. Returns the path."""
     frames = np.asarray(frames)
     T, G = kept.keep.shape
     if frames.ndim != 4 or frames.shape[0] != T or frames.shape[3] != 3:
@@ -144,6 +155,12 @@ def render_kept_tokens(frames: np.ndarray, kept: KeptTokens, out_path: str | Pat
     if has_scores:
         lo, hi = float(kept.scores.min()), float(kept.scores.max())
         summary += f"   scores {lo:.5g}..{hi:.5g} (heat map: dark=low, yellow=high)"
+    union = None
+    if objects is not None:
+        union = np.asarray(objects, bool).any(axis=0)                     # (T, G)
+        m = count_coverage(kept.keep, objects).metrics()
+        summary += (f"   digits (pink marks), frames>=1: recall {100 * m['obj_recall']:.0f}%"
+                    f" precision {100 * m['obj_precision']:.0f}%")
     draw.text((PAD, 4), _fit(draw, title, width - 2 * PAD, font), fill=TEXT, font=font)
     draw.text((PAD, 4 + HEADER_H // 2), _fit(draw, summary, width - 2 * PAD, font), fill=TEXT, font=font)
     size = frames.shape[1]
@@ -152,7 +169,8 @@ def render_kept_tokens(frames: np.ndarray, kept: KeptTokens, out_path: str | Pat
         y = HEADER_H + (t // cols) * (tile_h + PAD) + PAD
         draw.text((x, y), f"t={t}  {int(kept_per_frame[t])}/{G}", fill=TEXT, font=font)
         y += LABEL_H
-        canvas.paste(overlay_frame(frames[t], kept.keep[t], kept.group_grid, kept.group_px, cell), (x, y))
+        canvas.paste(overlay_frame(frames[t], kept.keep[t], kept.group_grid, kept.group_px, cell,
+                                   None if union is None else union[t]), (x, y))
         y += cell
         if has_scores:
             canvas.paste(heat_tile(kept.scores[t], kept.keep[t], lo, hi, kept.group_grid, kept.group_px, size, cell),
@@ -243,7 +261,16 @@ def snapshot_for_trainer(model, sample: dict, out_dir: str | Path, step: int, me
     title = f"step {step}  method={m} prune_ratio={r:g}  sample {sample.get('id', '')}  " \
             f"Q: {sample.get('question', '')}  A: {sample.get('answer', '')}"
     return render_kept_tokens(np.asarray(sample["frames"]), kept, Path(out_dir) / "kept_tokens" / f"step_{step:08d}.png",
-                              title)
+                              title, objects=sample_object_groups(model, sample))
+
+
+def sample_object_groups(model, sample: dict) -> Optional[np.ndarray]:
+    """(n, T, G) object groups of a digits sample in ``model``'s group layout, or None."""
+    if sample.get("objects") is None:
+        return None
+    c = model.cfg
+    return object_group_masks(sample["objects"], int(np.asarray(sample["frames"]).shape[0]), c.vit.image_size,
+                              c.vit.patch_size, c.connector.pool_size)
 
 
 def side_by_side(paths: Sequence[str | Path], out_path: str | Path) -> Path:

@@ -38,7 +38,8 @@ def _collate(cfg):
     from stts_dist.tokenizer import default_tokenizer
     v = cfg.model.vit
     builder = SequenceBuilder(default_tokenizer(), groups_per_frame(v.image_size, v.patch_size,
-                                                                    cfg.model.connector.pool_size), v.image_size)
+                                                                    cfg.model.connector.pool_size), v.image_size,
+                              cfg.model.stts.frame_separators)
     return lambda samples: builder(samples, cfg.model.stts.prune_ratio)
 
 

@@ -14,7 +14,7 @@ def _setup(cfg, frames=(4, 4)):
     torch.manual_seed(0)
     tok = default_tokenizer()
     model = build_model(cfg.model, tok)
-    builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size)
+    builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size, cfg.model.stts.frame_separators)
     samples = [make_sample(i, 0, t, cfg.model.vit.image_size) for i, t in enumerate(frames)]
     return tok, model, builder, samples
 
@@ -44,7 +44,8 @@ def test_visual_token_count_matches_formula_and_placeholders(tiny_cfg):
     assert out.vit.keep.sum() == sum(batch.visual_tokens)
     per_sample = [int((batch.input_ids[s:s + n] == tok.video_id).sum())
                   for s, n in zip(torch.tensor([0] + batch.seq_lengths).cumsum(0).tolist(), batch.seq_lengths)]
-    assert per_sample == batch.visual_tokens
+    separators = [4, 3, 1] if tiny_cfg.model.stts.frame_separators else [0, 0, 0]   # one <frame> per frame
+    assert per_sample == [v + s for v, s in zip(batch.visual_tokens, separators)]
 
 
 def test_mismatched_placeholders_raise_clear_error(tiny_cfg):
@@ -131,7 +132,7 @@ def test_adaptive_budgets_flow_from_batch_to_selection(tiny_cfg):
     still = np.repeat(rng.integers(0, 255, (1, 32, 32, 3), dtype=np.uint8), 4, axis=0)
     busy = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     samples = [{"frames": f, "question": "how many digits are shown ?", "answer": "2"} for f in (still, busy)]
-    builder = SequenceBuilder(tok, G, 32, adaptive_strength=1.0)
+    builder = SequenceBuilder(tok, G, 32, tiny_cfg.model.stts.frame_separators, adaptive_strength=1.0)
     batch = builder(samples, 0.5)
     fixed = [llm_visual_tokens(G, 4, 0.5)] * 2
     assert sum(batch.visual_tokens) == sum(fixed)

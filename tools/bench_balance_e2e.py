@@ -251,7 +251,7 @@ def ratio_check(args) -> dict:
         torch.manual_seed(0)
         modules[name] = LocalTrainModule(build_model(cfg.model, tok), cfg, torch.device("cpu"))
         geometry = TokenGeometry.from_config(cfg)
-        builder = SequenceBuilder(tok, geometry.groups_per_frame, cfg.model.vit.image_size)
+        builder = SequenceBuilder(tok, geometry.groups_per_frame, cfg.model.vit.image_size, cfg.model.stts.frame_separators)
         samples = [DigitsDataset(64, args.seed, t, cfg.model.vit.image_size, cfg.data.tasks, "train")[i]
                    for i, t in enumerate(frames)]
         batches[name] = builder(samples, geometry.prune_ratio)

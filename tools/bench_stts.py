@@ -78,7 +78,7 @@ class FrameCase:
 
     def __init__(self, cfg, model, tok, frames: int):
         self.frames = frames
-        builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size)
+        builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size, cfg.model.stts.frame_separators)
         samples = [make_sample(i, 0, frames, cfg.model.vit.image_size) for i in range(cfg.train.batch_size)]
         self.b_none = builder(samples, 0.0).to(DEVICE)
         self.b_pruned = builder(samples, cfg.model.stts.prune_ratio).to(DEVICE)

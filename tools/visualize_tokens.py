@@ -44,7 +44,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     from stts_dist.checkpoint_io import load_checkpoint
     from stts_dist.infer import InferenceInputError, load_video_frames
     from stts_dist.stts.budget import llm_visual_tokens
-    from stts_dist.visualize import kept_tokens, render_gif, render_kept_tokens, side_by_side
+    from stts_dist.visualize import kept_tokens, render_gif, render_kept_tokens, sample_object_groups, side_by_side
 
     args = build_parser().parse_args(argv)
     cfg, _, model = load_checkpoint(args.checkpoint, verify=not args.no_verify)
@@ -56,12 +56,15 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     if not 0.0 <= ratio < 1.0:
         raise InferenceInputError(f"--prune-ratio {ratio} must be in [0, 1)")
     T = args.frames or cfg.data.num_frames
+    objects = None
     if args.video:
         frames, name = load_video_frames(args.video, T, cfg.model.vit.image_size), Path(args.video).name
     else:
         from stts_dist.data.digits import make_sample
-        s = make_sample(args.digits_index, cfg.data.seed, T, cfg.model.vit.image_size, list(cfg.data.tasks), split="eval")
+        s = make_sample(args.digits_index, cfg.data.seed, T, cfg.model.vit.image_size, list(cfg.data.tasks), split="eval",
+                        style=cfg.data.digit_style)
         frames, name = s["frames"], f"digits eval #{args.digits_index}: {s['question']} -> {s['answer']}"
+        objects = sample_object_groups(model, s)
     try:
         llm_visual_tokens(model.groups_per_frame, int(frames.shape[0]), ratio, frames.shape[0] > 1)
     except ValueError as e:
@@ -72,7 +75,8 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
         r = 0.0 if m == "none" else ratio
         kept = kept_tokens(model, np.asarray(frames), m, r, torch.Generator().manual_seed(args.seed))
         path = out if len(methods) == 1 else out.with_name(f"{out.stem}_{m}{out.suffix or '.png'}")
-        written.append(render_kept_tokens(frames, kept, path, f"{name}  method={m} prune_ratio={r:g}", args.cell))
+        written.append(render_kept_tokens(frames, kept, path, f"{name}  method={m} prune_ratio={r:g}", args.cell,
+                                          objects=objects))
         if args.gif and m == methods[0]:
             written.append(render_gif(frames, kept, args.gif, args.cell))
     if len(methods) > 1:

@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from stts_dist.object_coverage import STROKE_ALPHA
+
 TASKS = ("count", "last", "direction", "corner", "shown")
+DIGIT_STYLES = ("mnist", "printed")
 DEFAULT_TASKS = ("count", "last", "direction", "corner")   # the spatio-temporal questions
 QUESTIONS = {
     "count": "how many digits are shown ?",
@@ -75,6 +78,47 @@ def _digit_sprite(images: np.ndarray, idx: int, px: int) -> np.ndarray:
     return src[ys][:, ys]
 
 
+@functools.lru_cache(maxsize=10)
+def _printed_glyph(digit: int) -> np.ndarray:
+    """The digit in Pillow's embedded font (Aileron, shipped inside Pillow, so every machine
+    draws the same pixels), cropped to its ink: float32 (h, w) in [0, 1] at ~40 px tall."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=48)
+    img = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(img).text((12, 0), str(digit), fill=255, font=font)
+    a = np.asarray(img, np.float32) / 255.0
+    ys, xs = np.nonzero(a > 0.05)
+    return a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def _printed_sprite(digit: int, px: int, rng: np.random.Generator) -> np.ndarray:
+    """A printed ``digit`` drawn into a ``px`` x ``px`` sprite, float32 in [0, 1]: random height
+    (65-90% of the sprite), slant (+-0.25 shear), stroke weight and position jitter, so no two
+    sprites are the same image."""
+    from PIL import Image, ImageFilter
+    glyph = _printed_glyph(digit)
+    h = rng.uniform(0.65, 0.90) * px
+    scale = h / glyph.shape[0]
+    shear = rng.uniform(-0.25, 0.25)
+    cy = px / 2 + rng.uniform(-0.05, 0.05) * px
+    cx = px / 2 + rng.uniform(-0.05, 0.05) * px
+    gh, gw = glyph.shape
+    # output (x, y) -> input: x_in = (x - cx + shear*(y - cy)) / scale + gw/2, y_in = (y - cy) / scale + gh/2
+    a, b = 1 / scale, shear / scale
+    c = -cx / scale - shear * cy / scale + gw / 2
+    e = 1 / scale
+    f = -cy / scale + gh / 2
+    img = Image.fromarray((glyph * 255).astype(np.uint8)).transform((px, px), Image.AFFINE, (a, b, c, 0, e, f),
+                                                                     resample=Image.BILINEAR)
+    weight = int(rng.integers(3))   # 0: as drawn, 1: bolder, 2: lighter
+    if weight == 1:
+        img = img.filter(ImageFilter.MaxFilter(3)).resize((px, px))
+    out = np.asarray(img, np.float32) / 255.0
+    if weight == 2:
+        out = np.clip(out * 1.4 - 0.3, 0, 1)
+    return out
+
+
 def split_digit_indices(split: str) -> list[np.ndarray]:
     """Indices of the MNIST images of each class (10 arrays) in ``split``: "train" takes the first
     90% of each class, "eval" the last 10%, so evaluation never sees a training digit image."""
@@ -92,11 +136,17 @@ def sprite_size(image_size: int) -> int:
 
 
 def make_sample(index: int, seed: int, num_frames: int, image_size: int,
-                tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, split: str = "train") -> dict[str, Any]:
-    """One QA video. ``frames``: uint8 (T, H, W, 3).
+                tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, split: str = "train",
+                style: str = "mnist") -> dict[str, Any]:
+    """One QA video. ``frames``: uint8 (T, H, W, 3); ``objects``: where every digit is (see
+    :func:`stts_dist.object_coverage.object_group_masks`).
 
-    ``split``: "train" draws digit images from the first 90% of each class, "eval" from the
-    last 10%, so evaluation never sees a training digit image."""
+    ``style``: "mnist" draws handwritten MNIST digits -- ``split`` "train" from the first 90% of
+    each class, "eval" from the last 10%, so evaluation never sees a training digit image;
+    "printed" draws the digit in a font with a random size, slant and weight (a different draw
+    for every sprite; far quicker for a small ViT to learn to read, see docs/stts.md)."""
+    if style not in DIGIT_STYLES:
+        raise ValueError(f"digit style {style!r}: choose one of {DIGIT_STYLES}")
     images, _ = load_mnist()
     by_class = split_digit_indices(split)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
@@ -107,7 +157,10 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
 
     n = {"count": int(rng.integers(1, 4)), "last": 3, "direction": 2, "corner": 2, "shown": 1}[task]
     classes = rng.choice(10, size=n, replace=False)
-    sprites = [_digit_sprite(images, int(rng.choice(by_class[c])), px) for c in classes]
+    if style == "mnist":
+        sprites = [_digit_sprite(images, int(rng.choice(by_class[c])), px) for c in classes]
+    else:
+        sprites = [_printed_sprite(int(c), px, rng) for c in classes]
 
     # start position, velocity (pixels / frame), first frame visible
     start = rng.uniform(0, margin, size=(n, 2))
@@ -148,18 +201,24 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
     bg = _background(rng, S)
     frames = np.empty((T, S, S, 3), np.uint8)
     colors = rng.uniform(0.7, 1.0, size=(n, 3)).astype(np.float32)
+    positions = np.zeros((n, T, 2), np.int16)
+    visible = np.zeros((n, T), bool)
     for t in range(T):
         f = bg.copy()
         for i in range(n):
             if t < appear[i]:
                 continue
             y, x = np.clip(start[i] + vel[i] * t, 0, margin).astype(int)
+            positions[i, t], visible[i, t] = (y, x), True
             patch = f[y:y + px, x:x + px]
             alpha = sprites[i][..., None]
             f[y:y + px, x:x + px] = patch * (1 - alpha) + alpha * colors[i]
         frames[t] = (np.clip(f, 0, 1) * 255).astype(np.uint8)
+    # where every digit is (stts_dist.object_coverage scores kept tokens against it)
+    objects = {"masks": np.stack([s > STROKE_ALPHA for s in sprites]), "positions": positions, "visible": visible,
+               "classes": classes.astype(np.int64)}
     return {"frames": frames, "question": QUESTIONS[task], "answer": answer,
-            "id": f"digits-{split}-{seed}-{index}", "task": task, "fps": 2.0}
+            "id": f"digits-{split}-{seed}-{index}", "task": task, "fps": 2.0, "objects": objects}
 
 
 def vocabulary() -> list[str]:

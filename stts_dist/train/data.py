@@ -19,9 +19,9 @@ class DigitsDataset(Dataset):
     """The moving-digits QA videos, generated on demand (deterministic in (seed, index, split))."""
 
     def __init__(self, size: int, seed: int, num_frames: int, image_size: int, tasks: Sequence[str],
-                 split: str = "train", min_frames: int = 0):
+                 split: str = "train", min_frames: int = 0, style: str = "mnist"):
         self.size, self.seed, self.num_frames, self.image_size = size, seed, num_frames, image_size
-        self.tasks, self.split, self.min_frames = list(tasks), split, min_frames
+        self.tasks, self.split, self.min_frames, self.style = list(tasks), split, min_frames, style
 
     def __len__(self) -> int:
         return self.size
@@ -33,7 +33,8 @@ class DigitsDataset(Dataset):
         return int(rng.integers(self.min_frames, self.num_frames + 1))
 
     def __getitem__(self, index: int) -> dict:
-        return make_sample(index, self.seed, self.frames_for(index), self.image_size, self.tasks, self.split)
+        return make_sample(index, self.seed, self.frames_for(index), self.image_size, self.tasks, self.split,
+                           self.style)
 
 
 class EpochSampler:

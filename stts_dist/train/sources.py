@@ -12,9 +12,11 @@ a resumed run consumes exactly the samples the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from stts_dist.data.digits import make_sample
 from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
 
 SOURCES = ("digits", "digits_mp4", "manifest", "shards")
@@ -24,7 +26,7 @@ class DigitsSource:
     def __init__(self, cfg, dp_rank: int, dp_size: int):
         d, m = cfg.data, cfg.model
         self.dataset = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train",
-                                     d.min_frames)
+                                     d.min_frames, d.digit_style)
         self.sampler = EpochSampler(len(self.dataset), cfg.train.batch_size, d.seed)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_workers = d.num_workers
@@ -97,12 +99,13 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
         return ensure_shards(d.path, work / "shards", sharding_overrides(cfg))
     # digits_mp4: the complete user path on generated data
     from data_pipeline.synth_digits import write_synthetic
-    tag = f"n{d.train_samples}_t{d.num_frames}_s{cfg.model.vit.image_size}_seed{d.seed}"
+    tasks = "-".join(sorted(d.tasks))
+    tag = f"n{d.train_samples}_t{d.num_frames}_s{cfg.model.vit.image_size}_seed{d.seed}_{d.digit_style}_{tasks}"
     manifest = work / f"digits_mp4_{tag}" / "manifest.jsonl"
     if not manifest.is_file():
-        log(f"[data] writing {d.train_samples} moving-digits mp4 clips to {manifest.parent}")
+        log(f"[data] writing {d.train_samples} moving-digits mp4 clips ({d.digit_style} digits) to {manifest.parent}")
         write_synthetic(manifest.parent, d.train_samples, d.num_frames, cfg.model.vit.image_size, d.seed,
-                        list(d.tasks), "train")
+                        list(d.tasks), "train", functools.partial(make_sample, style=d.digit_style))
     log(f"[data] sharding {manifest} with Ray (skipped when the shards are current)")
     return ensure_shards(manifest, work / f"digits_shards_{tag}", sharding_overrides(cfg))
 

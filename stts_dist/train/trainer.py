@@ -183,7 +183,8 @@ class Trainer:
         barrier()
         shard_dir = prepare_shards(cfg, lambda m: None)   # now a no-op check on every rank
         self.source = build_source(cfg, self.dp_rank, self.dp_size, shard_dir)
-        self.eval_set = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval", d.min_frames)
+        self.eval_set = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval", d.min_frames,
+                                      d.digit_style)
         self.callbacks = callbacks if callbacks is not None else default_callbacks(cfg)
         self._stop_signal: Optional[int] = None
         self.step = 0

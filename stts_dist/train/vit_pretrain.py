@@ -38,11 +38,12 @@ NUM_CLASSES = 10
 
 
 def digit_frames(count: int, seed: int, image_size: int, split: str = "train",
-                 max_digits: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                 max_digits: int = 1, style: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
     """``(frames uint8 (count, S, S, 3), labels float32 (count, 10) multi-hot)``: 1..max_digits
     digits of distinct classes at random positions over a task background. Deterministic in
     ``(seed, split)``; ``split`` selects the same 90/10 split of digit images as the QA task."""
-    from stts_dist.data.digits import _background, _digit_sprite, load_mnist, split_digit_indices, sprite_size
+    from stts_dist.data.digits import (_background, _digit_sprite, _printed_sprite, load_mnist, split_digit_indices,
+                                       sprite_size)
 
     images, _ = load_mnist()
     by_class = split_digit_indices(split)
@@ -55,7 +56,8 @@ def digit_frames(count: int, seed: int, image_size: int, split: str = "train",
         f = _background(rng, S)
         n = int(rng.integers(1, max_digits + 1))
         for c in rng.choice(NUM_CLASSES, size=n, replace=False):
-            sprite = _digit_sprite(images, int(rng.choice(by_class[c])), px)[..., None]
+            sprite = (_digit_sprite(images, int(rng.choice(by_class[c])), px) if style == "mnist"
+                      else _printed_sprite(int(c), px, rng))[..., None]
             y, x = rng.integers(0, S - px + 1, size=2)
             color = rng.uniform(0.7, 1.0, size=3).astype(np.float32)
             f[y:y + px, x:x + px] = f[y:y + px, x:x + px] * (1 - sprite) + sprite * color
@@ -97,7 +99,7 @@ def evaluate(probe: DigitProbe, frames: np.ndarray, target: np.ndarray, batch: i
 
 
 def pretrain(vit_cfg: Any, steps: int, batch_size: int, lr: float, seed: int, eval_frames: int = 512,
-             log_every: int = 100, log=print) -> tuple[VideoViT, dict[str, Any]]:
+             log_every: int = 100, log=print, style: str = "mnist") -> tuple[VideoViT, dict[str, Any]]:
     """Train a fresh ViT of ``vit_cfg`` (a ViTConfig) to name the digit of one-digit frames;
     returns the ViT and a report with the held-out top-1 accuracy before and after."""
     torch.manual_seed(seed)
@@ -112,12 +114,13 @@ def pretrain(vit_cfg: Any, steps: int, batch_size: int, lr: float, seed: int, ev
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    held_out = digit_frames(eval_frames, seed, vit_cfg.image_size, split="eval")
+    held_out = digit_frames(eval_frames, seed, vit_cfg.image_size, split="eval", style=style)
     report: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                              "eval_frames": eval_frames, "before": evaluate(probe, *held_out)}
+                              "eval_frames": eval_frames, "style": style, "before": evaluate(probe, *held_out)}
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        frames, target = digit_frames(batch_size, seed * 1_000_003 + step, vit_cfg.image_size, split="train")
+        frames, target = digit_frames(batch_size, seed * 1_000_003 + step, vit_cfg.image_size, split="train",
+                                      style=style)
         loss = F.cross_entropy(probe(to_input(frames)), torch.from_numpy(target.argmax(1)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"vit_pretrain: error: {e}") from None
-    vit, report = pretrain(cfg.model.vit, args.steps, args.batch_size, args.lr, args.seed)
+    vit, report = pretrain(cfg.model.vit, args.steps, args.batch_size, args.lr, args.seed, style=cfg.data.digit_style)
     out = export_hf_vit(vit, args.out)
     (Path(out) / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"[vit-pretrain] held-out top-1 accuracy {report['before']['top1_acc']:.3f} -> "
