@@ -92,6 +92,11 @@ class PretrainedConfig:
     vit_path: str = ""
     tokenizer_path: str = ""      # "" = llm_path's tokenizer when llm_path is set, else the task's words
     allow_activation_mismatch: bool = False
+    # stage 0 (digits data only): > 0 and no vit_path -> pre-train the ViT to read digits for this
+    # many steps first, cached under data.work_dir (stts_dist/train/stage0.py)
+    digits_vit_steps: int = 0
+    digits_vit_batch_size: int = 32
+    digits_vit_lr: float = 5e-4
 
 
 @dataclass
@@ -154,6 +159,9 @@ class TrainConfig:
     resume: bool = True
     progress_bar: bool = True
     eval_prune_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    # also evaluated at every ratio > 0 above, next to model.stts.method (e.g. [random]: the
+    # accuracy and object recall of random selection at the same budget)
+    eval_methods: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -396,6 +404,9 @@ def validate(cfg: Any) -> None:
     _check(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype='{t.dtype}' must be auto, fp32 or bf16")
     for r in t.eval_prune_ratios:
         _check(0.0 <= r < 1.0, f"train.eval_prune_ratios entry {r} must be in [0, 1)")
+    from stts_dist.stts.selection import METHODS
+    bad = [m for m in t.eval_methods if m not in METHODS]
+    _check(not bad, f"train.eval_methods entries {bad} are not pruning methods; choose from {list(METHODS)}")
     par = cfg.parallel
     _check(par.engine in ("auto", "local", "deepspeed"), f"parallel.engine='{par.engine}' must be auto, local or deepspeed")
     _check(par.tensor_parallel >= 1, "parallel.tensor_parallel must be >= 1")

@@ -83,3 +83,38 @@ def test_evaluate_counts_correct_digits():
     oracle.start = 0
     wrong_zero = sum(1 for t in target[30:] if t.argmax() != 0)
     assert evaluate(oracle, frames, target, batch=16)["top1_acc"] == (40 - wrong_zero) / 40
+
+
+def test_stage0_is_trained_once_cached_by_its_settings_and_loaded_by_the_run(tmp_path, capsys):
+    from stts_dist.config import load_config
+    from stts_dist.train.stage0 import MARKER, ensure_digits_vit, stage0_folder
+    from stts_dist.model.vit import VideoViT
+    from stts_dist.weights.hf_vit import load_hf_vit
+
+    cfg = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path), "data.digit_style": "printed",
+                                               "model.pretrained.digits_vit_steps": 3,
+                                               "model.pretrained.digits_vit_batch_size": 4}))
+    folder = stage0_folder(cfg)
+    ensure_digits_vit(cfg, is_rank0=True)
+    assert cfg.model.pretrained.vit_path == str(folder) and (folder / MARKER).is_file()
+    report = json.loads((folder / MARKER).read_text())
+    assert report["steps"] == 3 and report["style"] == "printed"
+    assert not list(tmp_path.glob("*.partial-*"))                      # written aside, then renamed
+    stamp = (folder / MARKER).stat().st_mtime_ns
+    again = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path), "data.digit_style": "printed",
+                                                 "model.pretrained.digits_vit_steps": 3,
+                                                 "model.pretrained.digits_vit_batch_size": 4}))
+    ensure_digits_vit(again, is_rank0=True)                             # the cache: no second training
+    assert (folder / MARKER).stat().st_mtime_ns == stamp and again.model.pretrained.vit_path == str(folder)
+    v = cfg.model.vit
+    vit = VideoViT(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_dim)
+    load_hf_vit(vit, folder)                                            # a SigLIP folder the run loads
+    # other settings -> another folder; a waiting rank gives up with a message naming the folder
+    other = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path), "model.pretrained.digits_vit_steps": 4}))
+    assert stage0_folder(other) != folder
+    with pytest.raises(TimeoutError, match="did not finish"):
+        ensure_digits_vit(other, is_rank0=False, timeout_s=0.5)
+    # off by default; an explicit vit_path wins
+    off = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path)}))
+    ensure_digits_vit(off, is_rank0=True)
+    assert off.model.pretrained.vit_path == ""

@@ -35,12 +35,27 @@ def main(argv=None) -> int:
 
 
 def _print_summary(cfg, results: dict) -> None:
+    """The final evaluation as a table: accuracy overall and per task, visual tokens, and -- where
+    the data annotates its objects (digits) -- the share of the objects' groups each setting kept."""
     rows = sorted({k.split("/")[1] for k in results if k.startswith("eval/")})
-    print("\n=== eval accuracy (exact match) ===")
-    print(f"{'inference':<22}{'acc':>8}{'LLM visual tokens/sample':>28}")
+    tasks = sorted({k.split("/")[-1] for k in results if k.startswith("eval/") and "/acc/" in k})
+    n = int(cfg.data.eval_samples)
+    print(f"\n=== eval on {n} held-out clips: exact-match accuracy (standard error of the overall figure) ===")
+    head = f"{'inference':<14}{'acc':>14}" + "".join(f"{t:>11}" for t in tasks) + f"{'LLM tokens':>12}{'obj recall':>12}"
+    print(head)
     for tag in rows:
-        print(f"{tag:<22}{results[f'eval/{tag}/acc']:>8.3f}{results[f'eval/{tag}/llm_visual_tokens']:>28.1f}")
-    print(json.dumps({k: round(v, 4) for k, v in results.items() if k.endswith('/acc')}))
+        acc = results[f"eval/{tag}/acc"]
+        se = (acc * (1 - acc) / max(n, 1)) ** 0.5
+        line = f"{tag:<14}{acc:>8.3f} ±{se:.3f}" + "".join(f"{results.get(f'eval/{tag}/acc/{t}', float('nan')):>11.3f}"
+                                                         for t in tasks)
+        line += f"{results[f'eval/{tag}/llm_visual_tokens']:>12.1f}"
+        recall = results.get(f"eval/{tag}/obj_recall")
+        line += f"{recall:>12.3f}" if recall is not None else f"{'-':>12}"
+        print(line)
+    if any(k.endswith("/obj_recall") for k in results):
+        print("obj recall: share of the groups of frames >= 1 holding part of a digit that the setting kept "
+              "(stts-eval shows precision and coverage too)")
+    print(json.dumps({k: round(v, 4) for k, v in results.items() if k.endswith('/acc') or k.endswith('/obj_recall')}))
 
 
 if __name__ == "__main__":

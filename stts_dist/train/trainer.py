@@ -4,6 +4,7 @@ distributed one in ``stts_dist.distributed``)."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from stts_dist.tokenizer import build_tokenizer
 from stts_dist.train import checkpoint as ckpt
 from stts_dist.train.data import DigitsDataset
 from stts_dist.train.sources import build_source, prepare_shards
+from stts_dist.train.stage0 import ensure_digits_vit
 from stts_dist.train.optim import build_optimizer, set_learning_rates
 
 
@@ -164,6 +166,9 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = build_tokenizer(cfg)
+        if module is None:   # stage 0 (cached): the ViT the model starts from
+            rank0 = int(os.environ.get("RANK", "0")) == 0
+            ensure_digits_vit(cfg, rank0, (lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
         self.module = module or build_train_module(cfg, self.tokenizer, self.device)
         self.model: VideoVLM = self.module.model
         self.rank = getattr(self.module, "rank", 0)
@@ -253,12 +258,19 @@ class Trainer:
         s = self.cfg.model.stts
         if methods_ratios is None:
             methods_ratios = [("none" if r == 0 else s.method, r) for r in self.cfg.train.eval_prune_ratios]
+            methods_ratios += [(m, r) for r in self.cfg.train.eval_prune_ratios if r > 0
+                               for m in self.cfg.train.eval_methods if m != s.method]
         samples = [self.eval_set[i] for i in range(len(self.eval_set))]
+        # Data-parallel ranks share the eval set (each runs the same number of batches, so ZeRO-3's
+        # collective parameter gathers stay in step); under TP every rank evaluates all of it.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        split = self.dp_size > 1 and self.dp_size == world and len(samples) % self.dp_size == 0
         out: dict[str, float] = {}
         for method, ratio in methods_ratios:
             res = evaluate(self.model, self.tokenizer, samples, method, ratio,
                            frame_separators=s.frame_separators, seed=self.cfg.data.seed,
-                           adaptive_strength=self._adaptive_strength())
+                           adaptive_strength=self._adaptive_strength(),
+                           rank=self.dp_rank if split else 0, world=self.dp_size if split else 1)
             tag = f"{method}@{ratio:g}"
             for k, v in res.items():
                 if k != "n":
