@@ -74,6 +74,10 @@ class STTSConfig:
     scorer_pool_dim: int = 0       # >0: pool groups at this width (cheaper); 0: at the ViT width
     aux_loss_weight: float = 0.5  # lambda of the temporal novelty loss
     detach_aux_target: bool = False
+    # features the temporal novelty (the scorer's target and temporal_diff) is measured on:
+    # "block" = output of block prune_at (the reference); "embed" = the patch embeddings, before
+    # any attention has mixed the frame (local by construction; see docs/stts.md)
+    novelty_from: str = "block"
     key_bias: bool = True         # log-score key bias in block prune_at+1 (LM-gradient path)
     key_bias_floor: float = -2.0  # scores rescaled per frame to [exp(floor), 1]
     frame_separators: bool = True   # a <frame> token before each frame's kept tokens (docs/stts.md)
@@ -378,6 +382,7 @@ def validate(cfg: Any) -> None:
         _check(-m.vit.depth <= layer < m.vit.depth,
                f"model.connector.layers entry {layer} is outside the ViT's {m.vit.depth} blocks")
     _check(m.connector.pool_size >= 1, "model.connector.pool_size must be >= 1")
+    _check(s.novelty_from in ("block", "embed"), f"model.stts.novelty_from='{s.novelty_from}' must be block or embed")
     d = cfg.data
     from stts_dist.train.sources import SOURCES
     _check(d.source in SOURCES, f"data.source='{d.source}' must be one of {SOURCES}")

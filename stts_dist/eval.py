@@ -476,7 +476,8 @@ def log_to_mlflow(uri: str, experiment: str, report: dict, out_dir: Path, artifa
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stts-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or one step_* folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, one step_* folder (1 process, "
+                   "ZeRO or TP x DP) or a consolidated .safetensors")
     p.add_argument("--data", default="digits", help="digits | shards:DIR | manifest:FILE.jsonl")
     p.add_argument("--ratios", default=DEFAULT_RATIOS, help="prune ratios (fraction pruned), comma-separated")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated subset of {','.join(METHODS)}")
@@ -520,7 +521,7 @@ def default_out_dir(step_dir: Path) -> Path:
 
 def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
     """The command without exit handling; returns the report (the same on every rank)."""
-    from stts_dist.checkpoint_io import load_checkpoint, resolve_checkpoint_dir
+    from stts_dist.trained_model import open_trained_model
 
     args = build_parser().parse_args(argv)
     ratios = parse_floats(args.ratios, "--ratios")
@@ -534,8 +535,7 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
         device = pick_device(args.device)
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        step_dir = resolve_checkpoint_dir(args.checkpoint)
-        cfg, tokenizer, model = load_checkpoint(step_dir, device=device, verify=not args.no_verify)
+        cfg, tokenizer, model, step_dir = open_trained_model(args.checkpoint, device=device, verify=not args.no_verify)
         source = make_source(args.data, cfg, args.samples, args.workers)
         G = model.groups_per_frame
         notes: list[str] = []
@@ -609,6 +609,8 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from data_pipeline.errors import DataPipelineError
+    from stts_dist.console import quiet_known_warnings
+    quiet_known_warnings()
     from stts_dist.checkpoint_io import CheckpointLoadError
 
     try:

@@ -202,7 +202,7 @@ def visualize_answers(model: VideoVLM, answers: Sequence[Answer], frames: Sequen
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stts-infer", description="Answer questions about videos with a trained "
                                 "stts-dist checkpoint and report the tokens STTS kept.")
-    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or one step_* folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, one step_* folder (1 process, ZeRO or TP x DP) or a consolidated .safetensors")
     p.add_argument("--video", action="append", default=[], help="video file (repeat for a batch)")
     p.add_argument("--question", action="append", default=[], help="question (one for all videos, or one per --video)")
     p.add_argument("--prune-ratio", type=float, default=None, help="fraction of groups pruned (default: the model's)")
@@ -220,14 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Optional[Sequence[str]] = None) -> list[Answer]:
     """The command without exit handling (raises InferenceInputError / CheckpointLoadError)."""
-    from stts_dist.checkpoint_io import load_checkpoint
+    from stts_dist.trained_model import open_trained_model
 
     args = build_parser().parse_args(argv)
     pairs = _pair_inputs(args.video, args.question)
     if args.prune_ratio is not None and not 0.0 <= args.prune_ratio < 1.0:
         raise InferenceInputError(f"--prune-ratio {args.prune_ratio} must be in [0, 1) (the fraction pruned)")
     device = pick_device(args.device)
-    cfg, tokenizer, model = load_checkpoint(args.checkpoint, device=device, verify=not args.no_verify)
+    cfg, tokenizer, model, _ = open_trained_model(args.checkpoint, device=device, verify=not args.no_verify)
     T = args.frames or cfg.data.num_frames
     method = args.method or cfg.model.stts.method
     ratio = cfg.model.stts.prune_ratio if args.prune_ratio is None else args.prune_ratio
@@ -254,6 +254,8 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Answer]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from stts_dist.checkpoint_io import CheckpointLoadError
+    from stts_dist.console import quiet_known_warnings
+    quiet_known_warnings()
 
     try:
         run(argv)

@@ -22,7 +22,7 @@ from stts_dist.stts.selection import METHODS  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or one step_* folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, one step_* folder (1 process, ZeRO or TP x DP) or a consolidated .safetensors")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="video file")
     src.add_argument("--digits-index", type=int, help="sample index of the built-in digits eval split")
@@ -41,13 +41,13 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
     import numpy as np
     import torch
 
-    from stts_dist.checkpoint_io import load_checkpoint
+    from stts_dist.trained_model import open_trained_model
     from stts_dist.infer import InferenceInputError, load_video_frames
     from stts_dist.stts.budget import llm_visual_tokens
     from stts_dist.visualize import kept_tokens, render_gif, render_kept_tokens, sample_object_groups, side_by_side
 
     args = build_parser().parse_args(argv)
-    cfg, _, model = load_checkpoint(args.checkpoint, verify=not args.no_verify)
+    cfg, _, model, _ = open_trained_model(args.checkpoint, verify=not args.no_verify)
     methods = [m.strip() for m in (args.method or cfg.model.stts.method).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -85,7 +85,7 @@ class VideoVLM(nn.Module):
         s = self.cfg.stts
         return PruneSettings(method or s.method, s.prune_ratio if prune_ratio is None else prune_ratio, s.prune_at,
                              self.cfg.connector.pool_size, s.key_bias, s.key_bias_floor, s.detach_aux_target,
-                             s.attention_backend)
+                             s.attention_backend, s.novelty_from)
 
     # ------------------------------------------------------------------------------------------
     def encode_visual(self, frames: torch.Tensor, layout: FrameLayout, settings: PruneSettings,

@@ -27,6 +27,7 @@ class PruneSettings:
     key_bias_floor: float = -2.0
     detach_aux_target: bool = False
     attention_backend: str = "auto"
+    novelty_from: str = "block"   # "block": block prune_at's output (reference) | "embed": patch embeddings
 
 
 @dataclass
@@ -51,6 +52,7 @@ def run_vit_with_stts(vit: VideoViT, scorer: Optional[TokenScorer], frames: torc
     collected: dict[int, torch.Tensor] = {}
 
     x = vit(frames)                                       # (F, N, D)
+    embed = x
     for i in range(p + 1):
         x = vit.blocks[i](x)
         if i in want:
@@ -59,13 +61,14 @@ def run_vit_with_stts(vit: VideoViT, scorer: Optional[TokenScorer], frames: torc
     scores = None
     aux = x.sum() * 0.0
     novelty = None
+    novelty_source = embed if settings.novelty_from == "embed" else x
     if settings.method == "scorer":
         if scorer is None:
             raise ValueError("method 'scorer' needs a model built with a scorer")
         scores = scorer(x, grid, layout)                        # (F, G)
-        aux = temporal_novelty_loss(scores, group_features(x, grid, g), layout, settings.detach_aux_target)
+        aux = temporal_novelty_loss(scores, group_features(novelty_source, grid, g), layout, settings.detach_aux_target)
     elif settings.method == "temporal_diff":
-        novelty = temporal_novelty(group_features(x.detach(), grid, g), layout)
+        novelty = temporal_novelty(group_features(novelty_source.detach(), grid, g), layout)
 
     G = (-(-grid // g)) ** 2                                # groups per frame
     keep = select_groups(settings.method, layout, G, settings.prune_ratio, scores, novelty, generator, x.device)

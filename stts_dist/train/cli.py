@@ -6,6 +6,7 @@ import json
 import sys
 
 from stts_dist.config import ConfigError, load_config
+from stts_dist.console import quiet_known_warnings
 
 
 def parse_args(argv=None):
@@ -16,6 +17,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    quiet_known_warnings()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
