@@ -166,6 +166,35 @@ def test_consolidated_zero1_checkpoint_scores_like_the_distributed_model(tmp_pat
     _assert_consolidated_matches(tmp_path / "run", ranks, tmp_path / "export", 2)
 
 
+def test_eval_infer_and_pictures_open_a_distributed_run_and_its_consolidated_file(tp2_run, tmp_path):
+    """What the README's next step does after the main job: stts-eval / stts-infer /
+    visualize_tokens on the run folder that DeepSpeed ranks wrote (merged on the fly), and on the
+    .safetensors of tools/consolidate_checkpoint.py -- the same weights either way."""
+    from stts_dist.checkpoint_io import CheckpointLoadError
+    from stts_dist.eval import run_eval
+    from stts_dist.trained_model import open_trained_model
+    out, ranks = tp2_run
+    cfg, tokenizer, model, where = open_trained_model(out)
+    assert where.name == f"step_{TP2_STEPS:08d}" and (where / "deepspeed").is_dir()
+    assert abs(_fixed_batch_loss(model, cfg, tokenizer) - ranks[0]["fixed_loss"]) <= 1e-5 * abs(ranks[0]["fixed_loss"])
+    assert _consolidate_cli(out, tmp_path / "export" / "model.safetensors") == 0
+    _, _, merged, _ = open_trained_model(tmp_path / "export" / "model.safetensors")
+    for (name, a), b in zip(model.state_dict().items(), merged.state_dict().values()):
+        assert torch.equal(a, b), name
+    report = run_eval(["--checkpoint", str(out), "--ratios", "0.5", "--methods", "scorer,random", "--tts-factor", "0",
+                       "--samples", "4", "--out", str(tmp_path / "eval"), "--quiet"])
+    assert [r["setting"] for r in report["rows"]] == ["none@0", "scorer@0.5", "random@0.5"]
+    assert all(r["n"] == 4 for r in report["rows"]) and (tmp_path / "eval" / "results.json").is_file()
+    # neither kind of checkpoint: the message names what the folder lacks and the command that helps
+    empty = tmp_path / "step_00000001"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((where / "config.yaml").read_text())
+    with pytest.raises(CheckpointLoadError, match="neither state.pt .* nor deepspeed/"):
+        open_trained_model(empty, verify=False)
+    with pytest.raises(CheckpointLoadError, match="not a consolidated .safetensors"):
+        open_trained_model(where / "config.yaml")
+
+
 def test_replicated_parameters_are_identical_on_every_tensor_parallel_rank(tp2_run):
     from stts_dist.distributed.consolidate import consolidate
     out, _ = tp2_run
