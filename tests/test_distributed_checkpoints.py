@@ -188,7 +188,8 @@ def test_eval_infer_and_pictures_open_a_distributed_run_and_its_consolidated_fil
     # neither kind of checkpoint: the message names what the folder lacks and the command that helps
     empty = tmp_path / "step_00000001"
     empty.mkdir()
-    (empty / "config.yaml").write_text((where / "config.yaml").read_text())
+    for name in ("config.yaml", "manifest.json"):
+        (empty / name).write_text((where / name).read_text())
     with pytest.raises(CheckpointLoadError, match="neither state.pt .* nor deepspeed/"):
         open_trained_model(empty, verify=False)
     with pytest.raises(CheckpointLoadError, match="not a consolidated .safetensors"):
