@@ -121,8 +121,15 @@ def test_eval_writes_table_json_csv_png_and_mlflow(trained_run, tmp_path, capsys
         rows = list(csv.DictReader(f))
     assert [r["setting"] for r in rows] == labels and float(rows[1]["llm_visual_tokens"]) == 8.0
     assert {"acc/count", "acc/last", "prefill_ms", "speedup"} <= set(rows[0])
-    with Image.open(out / "accuracy_vs_tokens.png") as img:
-        assert img.format == "PNG" and img.size == (640, 440)
+    # digits clips carry object annotations: every row says what it kept of the digits
+    assert {"obj_recall", "obj_precision", "obj_coverage_frame", "frame_coverage", "kept_first_frame"} <= set(rows[0])
+    assert by["none@0"]["obj_recall"] == 1.0 and by["none@0"]["frame_coverage"] == 1.0
+    assert by["scorer@0.5"]["kept_first_frame"] == 4 and by["scorer@0.5"]["kept_later_frames"] == 4
+    assert 0 < by["random@0.5"]["obj_recall"] < 1
+    # r=0.75 keeps 4 of 16 groups: exactly the protected first frame, so nothing later
+    assert by["random@0.75"]["obj_recall"] == 0 and by["random@0.75"]["kept_later_frames"] == 0
+    with Image.open(out / "accuracy_vs_tokens.png") as img:   # accuracy panel + object-recall panel
+        assert img.format == "PNG" and img.size == (1150, 440)
     from mlflow import MlflowClient
     run = MlflowClient(f"sqlite:///{store}.db").get_run(rep["mlflow_run_id"])
     assert run.data.metrics["scorer_0.5/llm_visual_tokens"] == 8.0

@@ -60,11 +60,26 @@ def test_mismatched_placeholders_raise_clear_error(tiny_cfg):
 
 
 def test_frame_separators(tiny_cfg):
+    """One <frame> embedding before each frame's kept tokens, inside the placeholder span."""
     tiny_cfg.model.stts.frame_separators = True
     tok, model, _, samples = _setup(tiny_cfg)
     builder = SequenceBuilder(tok, model.groups_per_frame, 32, frame_separators=True)
-    out = model(builder(samples, 0.5))
-    assert torch.isfinite(out.loss)
+    batch = builder(samples, 0.5)
+    model.eval()
+    with torch.no_grad():
+        visual, res, _ = model.encode_visual(batch.frames, batch.layout, model.prune_settings())
+        embeds, sep = model.embed_prompt(batch.input_ids)
+        merged = model.merge_visual(batch, embeds, visual, res.keep, sep)
+    assert torch.equal(sep, model.llm.embed_tokens(torch.tensor([tok.frame_id])))
+    pos = (batch.input_ids == tok.video_id).nonzero(as_tuple=True)[0]
+    per_frame = res.keep.sum(1).tolist()                   # kept groups of each frame, both videos
+    assert len(pos) == sum(per_frame) + len(per_frame)       # + one separator per frame
+    i = 0
+    for n in per_frame:                                    # [sep, that frame's n tokens] in order
+        assert torch.equal(merged[pos[i]], sep[0])
+        assert not any(torch.equal(merged[pos[j]], sep[0]) for j in range(i + 1, i + 1 + n))
+        i += 1 + n
+    assert torch.isfinite(model(batch).loss)
 
 
 def test_text_only_batch_runs_the_same_modules(tiny_cfg):
@@ -114,7 +129,8 @@ def test_generate_with_cache_equals_full_recompute(tiny_cfg):
             b.positions = torch.arange(len(ids))
             b.labels = torch.full_like(ids, -100)
             visual, res, _ = model.encode_visual(b.frames, b.layout, model.prune_settings())
-            emb = model.merge_visual(b, model.llm.embed_tokens(ids), visual, res.keep)
+            emb, sep = model.embed_prompt(ids)
+            emb = model.merge_visual(b, emb, visual, res.keep, sep)
             from stts_dist.model.attention import VarlenPlan
             h = model.llm.forward_hidden(emb, b.positions, VarlenPlan.build([len(ids)], emb.device, True))
             nxt = int(model.llm.logits(h[-1:]).argmax(-1))

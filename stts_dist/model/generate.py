@@ -17,9 +17,9 @@ def generate(model: VideoVLM, batch: VideoBatch, eos_id: int, max_new_tokens: in
     Returns (generated token ids per sample without eos, info with kept-token counts)."""
     settings = model.prune_settings(method, prune_ratio)
     visual, res, dummy = model.encode_visual(batch.frames, batch.layout, settings, generator)
-    embeds = model.llm.embed_tokens(batch.input_ids)
+    embeds, sep = model.embed_prompt(batch.input_ids)
     if not dummy:
-        embeds = model.merge_visual(batch, embeds, visual, res.keep)
+        embeds = model.merge_visual(batch, embeds, visual, res.keep, sep)
     B, L = batch.size, max(batch.seq_lengths)
     dev = embeds.device
     padded = embeds.new_zeros(B, L, embeds.shape[-1])

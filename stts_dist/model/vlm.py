@@ -100,12 +100,26 @@ class VideoVLM(nn.Module):
         tokens = self.connector(res.features, self.vit.grid, res.keep)
         return tokens, res, dummy
 
-    def merge_visual(self, batch: VideoBatch, embeds: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Place visual tokens (and per-frame separators) at the ``<video>`` placeholders."""
+    def embed_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """input_ids (L,) -> (embeddings (L, hidden), the ``<frame>`` separator's embedding (1, hidden)
+        or None without separators). ONE call of the embedding module whatever the batch holds:
+        under ZeRO-3 every rank must call the same modules the same number of times, and a rank
+        with a text-only batch needs no separator."""
+        if not self.cfg.stts.frame_separators:
+            return self.llm.embed_tokens(input_ids), None
+        sep_id = torch.tensor([self.frame_token_id], device=input_ids.device, dtype=input_ids.dtype)
+        both = self.llm.embed_tokens(torch.cat([input_ids, sep_id]))
+        return both[:-1], both[-1:]
+
+    def merge_visual(self, batch: VideoBatch, embeds: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor,
+                     sep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Place visual tokens (and per-frame separators, ``sep`` from :meth:`embed_prompt`) at the
+        ``<video>`` placeholders."""
         pos = (batch.input_ids == self.video_token_id).nonzero(as_tuple=True)[0]
         per_frame = keep.sum(1)
         if self.cfg.stts.frame_separators:
-            sep = self.llm.embed_tokens(torch.tensor([self.frame_token_id], device=embeds.device))
+            if sep is None:
+                raise ValueError("frame separators are on: pass the separator embedding from embed_prompt()")
             pieces = []
             for chunk in torch.split(visual, per_frame.tolist()):
                 pieces += [sep, chunk]
@@ -142,12 +156,12 @@ class VideoVLM(nn.Module):
             raise VisualTokenMismatch(
                 f"batch was built for prune_ratio={batch.prune_ratio} but the model prunes {settings.prune_ratio}")
         visual, res, dummy = self.encode_visual(batch.frames, batch.layout, settings, generator)
-        embeds = self.llm.embed_tokens(batch.input_ids)
+        embeds, sep = self.embed_prompt(batch.input_ids)
         if dummy:
             # keep the graph identical on every rank: the dummy frame contributes exactly zero
-            embeds = embeds + visual.sum() * 0.0
+            embeds = embeds + visual.sum() * 0.0 + (0.0 if sep is None else sep.sum() * 0.0)
         else:
-            embeds = self.merge_visual(batch, embeds, visual, res.keep)
+            embeds = self.merge_visual(batch, embeds, visual, res.keep, sep)
         plan = VarlenPlan.build(batch.seq_lengths, embeds.device, causal=True, backend=settings.attention_backend)
         hidden = self.llm.forward_hidden(embeds, batch.positions, plan)
         lm_loss = self.llm.loss(hidden, batch.labels)
