@@ -408,7 +408,8 @@ def validate(cfg: Any) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' must be auto, cpu or cuda")
     _check(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype='{t.dtype}' must be auto, fp32 or bf16")
     for r in t.eval_prune_ratios:
-        _check(0.0 <= r < 1.0, f"train.eval_prune_ratios entry {r} must be in [0, 1)")
+        _check(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r < 1.0,
+               f"train.eval_prune_ratios entry {r} must be a number in [0, 1)")
     from stts_dist.stts.selection import METHODS
     bad = [m for m in t.eval_methods if m not in METHODS]
     _check(not bad, f"train.eval_methods entries {bad} are not pruning methods; choose from {list(METHODS)}")
