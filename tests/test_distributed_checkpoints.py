@@ -267,7 +267,9 @@ def test_a_rank_with_a_text_only_batch_does_not_hang_the_zero3_step(tmp_path):
 def test_a_rank_raising_mid_step_fails_the_torchrun_job_fast_and_names_the_cause(tmp_path):
     overrides = tiny_overrides(**{"train.out_dir": str(tmp_path), "train.steps": 4, "train.device": "cpu",
                                   "parallel.engine": "deepspeed", "parallel.timeout_s": 20,
-                                  "tracking.enabled": False, "fault.fail_at_step": 2, "fault.fail_rank": 1})
+                                  "tracking.enabled": False, "fault.fail_at_step": 2, "fault.fail_rank": 1,
+                                  # the CLI's default config is the main job's: no stage 0, data in tmp
+                                  "model.pretrained.digits_vit_steps": 0, "data.work_dir": str(tmp_path / "data")})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "stts_dist.train", *overrides]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
