@@ -440,7 +440,8 @@ def plot_accuracy_vs_tokens(rows: Sequence[dict], path: Path, title: str) -> Non
         ax2.set_ylabel("object recall, frames >= 1 (%)")
         ax2.set_title("share of the digits' groups kept", fontsize=9)
         ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=7)
+        if ax2.get_lines():
+            ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
