@@ -13,8 +13,8 @@ a kept-group mask can be scored directly instead of by eye:
 - **budget split**: kept groups in the (always kept) first frame vs in frames >= 1.
 
 Frame 0 is left out of the object figures because every method keeps it whole. A group "holds
-part of an object" when at least one pixel of the digit's stroke (sprite alpha > 0.3) falls in
-its ``(patch * pool)``-pixel square. Plain numpy; sums add over samples and ranks.
+part of an object" when at least one pixel of the digit's stroke (the generator's mask: sprite
+alpha > ``digits.STROKE_ALPHA``) falls in its ``(patch * pool)``-pixel square. Plain numpy; sums add over samples and ranks.
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import numpy as np
-
-STROKE_ALPHA = 0.3   # sprite alpha above which a pixel belongs to the digit
 
 
 def object_group_masks(objects: dict[str, Any], num_frames: int, image_size: int, patch_size: int,

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from stts_dist.object_coverage import STROKE_ALPHA
-
 TASKS = ("count", "last", "direction", "corner", "shown")
 DIGIT_STYLES = ("mnist", "printed")
+STROKE_ALPHA = 0.3   # sprite alpha above which a pixel counts as the digit's (the ``objects`` masks)
 DEFAULT_TASKS = ("count", "last", "direction", "corner")   # the spatio-temporal questions
 QUESTIONS = {
     "count": "how many digits are shown ?",
@@ -112,7 +111,7 @@ def _printed_sprite(digit: int, px: int, rng: np.random.Generator) -> np.ndarray
                                                                      resample=Image.BILINEAR)
     weight = int(rng.integers(3))   # 0: as drawn, 1: bolder, 2: lighter
     if weight == 1:
-        img = img.filter(ImageFilter.MaxFilter(3)).resize((px, px))
+        img = img.filter(ImageFilter.MaxFilter(3))
     out = np.asarray(img, np.float32) / 255.0
     if weight == 2:
         out = np.clip(out * 1.4 - 0.3, 0, 1)

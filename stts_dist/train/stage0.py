@@ -26,8 +26,7 @@ MARKER = "pretrain_report.json"   # written last: its presence means the folder 
 
 def stage0_folder(cfg) -> Path:
     p, d = cfg.model.pretrained, cfg.data
-    spec = {"vit": OmegaConf.to_container(cfg.model.vit, resolve=True) if OmegaConf.is_config(cfg.model.vit)
-            else dict(vars(cfg.model.vit)),
+    spec = {"vit": OmegaConf.to_container(cfg.model.vit, resolve=True),
             "steps": p.digits_vit_steps, "batch_size": p.digits_vit_batch_size, "lr": p.digits_vit_lr,
             "seed": cfg.train.seed, "style": d.digit_style}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
