@@ -64,6 +64,13 @@ class DistributedTrainModule:
         self.zero_stage = par.zero_stage
 
     # ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Tear the process groups down before the interpreter exits: left alive, gloo's worker
+        threads still hold tensors while Python finalizes, and a rank can die with SIGABRT
+        ("terminate called without an active exception") after a successful run."""
+        from stts_dist.distributed.parallel import destroy_parallel
+        destroy_parallel()
+
     def barrier(self) -> None:
         dist.barrier()
 

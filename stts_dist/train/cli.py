@@ -28,12 +28,14 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg)
     try:
         results = trainer.fit()
+        if trainer.is_rank0:
+            _print_summary(cfg, results)
+        return 0
     except Preempted as e:
         print(f"[train] {e}; checkpoint written, resume by starting the same command again", flush=True)
         return Preempted.exit_code
-    if trainer.is_rank0:
-        _print_summary(cfg, results)
-    return 0
+    finally:
+        trainer.close()
 
 
 def _print_summary(cfg, results: dict) -> None:

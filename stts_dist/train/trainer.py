@@ -73,6 +73,9 @@ class LocalTrainModule:
         self.optimizer.load_state_dict(state["optimizer"])
         return state
 
+    def close(self) -> None:
+        """Nothing to release in one process (the distributed module drops its process groups)."""
+
 
 class ConsoleLogger:
     """Prints metrics every ``log_every`` steps (rank 0)."""
@@ -347,6 +350,10 @@ class Trainer:
         finally:
             self._restore_signal_handlers(previous)
             self._emit("on_train_end", status)
+
+    def close(self) -> None:
+        """Release the train module (process groups); call once the run's output is written."""
+        self.module.close()
 
     def _snapshot_kept_tokens(self) -> None:
         """Picture of what STTS keeps on a fixed held-out clip (every rank takes part: ZeRO-3
