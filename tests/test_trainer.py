@@ -8,7 +8,7 @@ import pytest
 
 from stts_dist.config import load_config
 from stts_dist.train import checkpoint as ckpt
-from stts_dist.train.trainer import InjectedFault, Preempted, Trainer
+from stts_dist.train.trainer import InjectedFault, Preempted, Trainer, read_eval_history
 from conftest import tiny_overrides
 
 
@@ -82,6 +82,16 @@ def test_injected_fault_names_rank(tmp_path):
     with pytest.raises(InjectedFault, match="step 1 on rank 0"):
         Trainer(_cfg(tmp_path, **{"fault.fail_at_step": 1})).fit()
 
+def test_eval_history_is_the_learning_curve_and_survives_resume(tmp_path):
+    first = Trainer(_cfg(tmp_path, **{"train.steps": 4, "train.eval_every": 2}))
+    first.fit()
+    resumed = Trainer(_cfg(tmp_path, **{"train.eval_every": 2}))       # same folder, to step 6
+    final = resumed.fit()
+    history = read_eval_history(tmp_path / "run")
+    assert list(history) == [2, 4, 6]
+    assert history[6] == final and 0.0 <= history[2]["eval/scorer@0.5/acc"] <= 1.0
+    assert set(history[2]) == set(final)
+
 
 def test_full_user_path_mp4_ray_shards_loader(tmp_path):
     """digits mp4 -> Ray sharding -> WebDataset loader -> training, and exact resume through it."""
@@ -89,7 +99,7 @@ def test_full_user_path_mp4_ray_shards_loader(tmp_path):
              "data.shard_cpus": 1}
     full = Trainer(_cfg(tmp_path / "a", **extra))
     full.fit()
-    assert (tmp_path / "data").glob("digits_shards_*/index.json")
+    assert len(list((tmp_path / "data").glob("digits_shards_*/index.json"))) == 1
     first = Trainer(_cfg(tmp_path / "b", **{**extra, "train.steps": 3}))
     first.fit()
     resumed = Trainer(_cfg(tmp_path / "b", **extra))

@@ -1,19 +1,24 @@
 #!/usr/bin/env python
-"""The accuracy study (issue 7) on the moving-digits QA task, end to end, resumable.
+"""The accuracy study (issues 7 and 13) on the moving-digits QA task, end to end, resumable.
 
     .venv/bin/python tools/accuracy_study.py [--config jobs/study_digits.yaml] [--out runs/study]
-                                             [--eval-samples 1000] [--skip-train]
+                                             [--steps 2400] [--eval-samples 1000] [--skip-train]
 
-Stages (each skipped when its output exists, so an interrupted study continues):
- 0. pre-train the ViT to read digits (``stts_dist.train.vit_pretrain``; the stand-in for the
-    pre-trained SigLIP of the paper) -> ``OUT/vit_digits``;
- 1. train three models from it, same steps, same data order: (a) unpruned (``method=none``),
-    (b) STTS 50% pruned, (c) STTS 80% pruned -> ``OUT/{unpruned,stts50,stts80}``;
- 2. ``stts-eval`` every model on the same held-out clips: every method at ratios 0.3-0.8,
+Stages (each skipped when its output exists, and every training resumes from its last
+checkpoint, so an interrupted study continues where it stopped):
+ 1. train from the main job's recipe (the stage-0 digit-reading ViT is trained once by the trainer
+    and cached in ``data/``): (a) unpruned (``method=none``), (b) STTS 50% pruned, (c) STTS 80%
+    pruned, same steps and data order -> ``OUT/{unpruned,stts50,stts80}``; then the headline pair
+    again with a second seed (``train.seed=1``: other init and data order) -> ``OUT/*_seed1``.
+    Each run evaluates its own setting on the held-out clips every ``train.eval_every`` steps
+    (``OUT/<model>/eval_history.jsonl``): the learning curve that says whether it converged;
+ 2. ``stts-eval`` every seed-0 model on the same held-out clips: every method at ratios 0.3-0.8,
     test-time scaling at 2x frames with the unpruned 1x token budget, and adaptive per-video
     budgets next to the fixed ratio -> ``OUT/<model>/eval*/results.json``;
- 3. a summary: the targets of issue 7 checked, a markdown table (``OUT/summary.md``), one JSON
-    (``OUT/summary.json``, also the last printed line) and a plot (``OUT/accuracy_study.png``).
+ 3. a summary: convergence of every model (the last two evaluations, at least 20% of the training
+    apart, within 1 point), the targets checked with standard errors, a markdown table
+    (``OUT/summary.md``), one JSON (``OUT/summary.json``, also the last printed line) and a plot
+    (``OUT/accuracy_study.png``).
 """
 from __future__ import annotations
 
@@ -26,12 +31,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from stts_dist.train.trainer import read_eval_history  # noqa: E402
 MODELS = {  # name -> training overrides; everything else comes from the study config
-    "unpruned": ["model.stts.method=none"],
-    "stts50": ["model.stts.method=scorer", "model.stts.prune_ratio=0.5"],
-    "stts80": ["model.stts.method=scorer", "model.stts.prune_ratio=0.8"],
+    "unpruned": ["model.stts.method=none", "train.eval_prune_ratios=[0.0]"],
+    "stts50": ["model.stts.method=scorer", "model.stts.prune_ratio=0.5", "train.eval_prune_ratios=[0.5]"],
+    "stts80": ["model.stts.method=scorer", "model.stts.prune_ratio=0.8", "train.eval_prune_ratios=[0.8]"],
 }
-TRAIN_ORDER = ("stts50", "unpruned", "stts80")
+SEED1 = {f"{name}_seed1": MODELS[name] + ["train.seed=1"] for name in ("unpruned", "stts50")}
+OWN_SETTING = {"unpruned": "none@0", "stts50": "scorer@0.5", "stts80": "scorer@0.8",
+               "unpruned_seed1": "none@0", "stts50_seed1": "scorer@0.5"}
+# the headline models first: a partial study already says the most
+TRAIN_ORDER = ("stts50", "unpruned", "stts80", "stts50_seed1", "unpruned_seed1")
+CONVERGED_WITHIN_POINTS = 1.0
+CONVERGED_SPAN = 0.2          # the two evaluations compared are at least 20% of the training apart
 RATIOS = "0.3,0.5,0.7,0.8"
 METHODS = "scorer,random,uniform,temporal_diff,none"
 
@@ -52,17 +65,30 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 def stage_train(args, py: str, out: Path) -> None:
-    vit = out / "vit_digits"
-    if not (vit / "config.json").is_file():
-        run([py, "-m", "stts_dist.train.vit_pretrain", "--config", args.config, "--out", str(vit),
-             "--steps", str(args.vit_steps)], out / "vit_digits.log")
-    for name in TRAIN_ORDER:   # the headline model first: a partial study already says the most
-        overrides = MODELS[name]
+    overrides = {**MODELS, **SEED1}
+    for name in TRAIN_ORDER:
         if finished(out / name, args.steps):
             continue
+        # the same command again resumes from the run's last checkpoint
         run([py, "-m", "stts_dist.train", "--config", args.config, f"train.out_dir={out / name}",
-             f"train.steps={args.steps}", f"model.pretrained.vit_path={vit}", "train.progress_bar=false",
-             "tracking.enabled=false", *overrides], out / f"{name}.log")
+             f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "train.progress_bar=false",
+             "tracking.enabled=false", *overrides[name]], out / f"{name}.log")
+
+
+def convergence(out: Path, name: str, steps: int) -> dict:
+    """The model's own setting on the held-out clips along training, and whether it converged:
+    the final evaluation and the latest one at least ``CONVERGED_SPAN`` of the training earlier
+    differ by at most ``CONVERGED_WITHIN_POINTS``."""
+    tag = OWN_SETTING[name]
+    curve = {step: 100 * row[f"eval/{tag}/acc"] for step, row in read_eval_history(out / name).items()
+             if f"eval/{tag}/acc" in row}
+    final = curve.get(steps)
+    earlier = [s for s in curve if s <= steps * (1 - CONVERGED_SPAN)]
+    if final is None or not earlier:
+        return {"setting": tag, "curve": curve, "converged": False, "last_change_points": None}
+    change = final - curve[max(earlier)]
+    return {"setting": tag, "curve": curve, "final": final, "compared_with_step": max(earlier),
+            "last_change_points": change, "converged": abs(change) <= CONVERGED_WITHIN_POINTS}
 
 
 def stage_eval(args, py: str, out: Path) -> None:
@@ -84,7 +110,13 @@ def load_rows(path: Path) -> dict[str, dict]:
     return {r["setting"]: r for r in json.loads(path.read_text())["rows"]}
 
 
-def summarize(out: Path) -> dict:
+def standard_error(acc_points: float, n: int) -> float:
+    """Standard error, in points, of an accuracy (in points) measured on ``n`` clips."""
+    p = acc_points / 100
+    return 100 * (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def summarize(out: Path, steps: int) -> dict:
     ev = {name: load_rows(out / name / "eval" / "results.json") for name in MODELS}
     ad = {name: load_rows(out / name / "eval_adaptive" / "results.json") for name in MODELS}
     acc = lambda model, setting: 100 * ev[model][setting]["acc"]          # noqa: E731
@@ -110,6 +142,16 @@ def summarize(out: Path) -> dict:
         "prefill_speedup": {m: {f"{r:g}": ev["unpruned"][f"{m}@{r:g}"]["speedup"] for r in (0.3, 0.5, 0.7, 0.8)}
                             for m in ("scorer", "random", "uniform", "temporal_diff")},
     }
+    n = res["eval_samples"]
+    res["standard_error_points"] = {k: standard_error(res[k], n) for k in ("unpruned_acc", "stts50_acc", "stts80_acc")}
+    # a difference of two accuracies on the same clips: at most sqrt(2) x one standard error
+    res["difference_standard_error_points"] = 2 ** 0.5 * standard_error(res["unpruned_acc"], n)
+    res["convergence"] = {name: convergence(out, name, steps) for name in TRAIN_ORDER}
+    res["all_converged"] = all(c["converged"] for c in res["convergence"].values())
+    seed1 = res["convergence"]
+    if seed1["stts50_seed1"].get("final") is not None and seed1["unpruned_seed1"].get("final") is not None:
+        res["stts50_minus_unpruned_seed1"] = seed1["stts50_seed1"]["final"] - seed1["unpruned_seed1"]["final"]
+        res["stts50_minus_unpruned_mean_of_seeds"] = (res["stts50_minus_unpruned"] + res["stts50_minus_unpruned_seed1"]) / 2
     res["targets"] = {
         "stts50_within_0.7pt": res["stts50_minus_unpruned"] >= -0.7,
         "stts80_beats_random_uniform_by_2pt": min(res["stts80_minus_random"], res["stts80_minus_uniform"]) >= 2.0,
@@ -123,6 +165,12 @@ def summarize(out: Path) -> dict:
             tasks = " | ".join(f"{100 * v:.1f}" if v == v else "-" for k, v in row.items() if k.startswith("acc/"))
             lines.append(f"| {name} | {row['setting']} | {row['llm_visual_tokens']:.1f} | {100 * row['acc']:.1f} | "
                          f"{tasks} | {row['speedup']:.2f}x |")
+    lines += ["", "| model | setting | " + " | ".join(f"step {k}" for k in res["convergence"]["unpruned"]["curve"])
+              + " | last change (points) | converged |", "|---|---|" + "---:|" * (len(res["convergence"]["unpruned"]["curve"]) + 2)]
+    for name, c in res["convergence"].items():
+        change = c["last_change_points"]
+        lines.append(f"| {name} | {c['setting']} | " + " | ".join(f"{v:.1f}" for v in c["curve"].values())
+                     + f" | {'-' if change is None else f'{change:+.1f}'} | {'yes' if c['converged'] else 'no'} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     plot(ev, ad, out / "accuracy_study.png")
     (out / "summary.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -162,8 +210,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="jobs/study_digits.yaml")
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--steps", type=int, default=1500, help="QA training steps of every model")
-    p.add_argument("--vit-steps", type=int, default=2000, help="ViT digit pre-training steps")
+    p.add_argument("--steps", type=int, default=2400, help="QA training steps of every model")
+    p.add_argument("--eval-every", type=int, default=480, help="held-out evaluation interval (the learning curve)")
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--skip-train", action="store_true", help="only evaluate and summarise existing runs")
     args = p.parse_args(argv)
@@ -175,7 +223,7 @@ def main(argv=None) -> int:
     if not args.skip_train:
         stage_train(args, py, out)
     stage_eval(args, py, out)
-    res = summarize(out)
+    res = summarize(out, args.steps)
     res["study_seconds_this_invocation"] = time.perf_counter() - t0
     print((out / "summary.md").read_text())
     print(json.dumps(res))

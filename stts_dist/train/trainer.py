@@ -3,6 +3,7 @@ optimizer and any parallel engine live in a "train module" (``LocalTrainModule``
 distributed one in ``stts_dist.distributed``)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -145,8 +146,34 @@ def build_train_module(cfg, tokenizer, device: torch.device):
     return DistributedTrainModule(cfg, tokenizer)
 
 
+class EvalHistory:
+    """Appends every evaluation to ``<out_dir>/eval_history.jsonl`` (rank 0), one JSON object per
+    line with its step: the run's learning curve on held-out data, readable without a tracking
+    server (e.g. to decide whether a model has converged). A resumed run appends; a step evaluated
+    twice keeps both lines, the later one wins for readers."""
+
+    FILE = "eval_history.jsonl"
+
+    def on_eval_end(self, trainer, step: int, metrics: dict) -> None:
+        if trainer.is_rank0:
+            with open(trainer.out_dir / self.FILE, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def read_eval_history(out_dir) -> dict[int, dict]:
+    """``{step: metrics}`` from a run folder's ``eval_history.jsonl`` (empty if there is none)."""
+    path = Path(out_dir) / EvalHistory.FILE
+    out: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                out[int(row.pop("step"))] = row
+    return dict(sorted(out.items()))
+
+
 def default_callbacks(cfg) -> list:
-    cbs: list = [ConsoleLogger(cfg.train.log_every)]
+    cbs: list = [ConsoleLogger(cfg.train.log_every), EvalHistory()]
     if cfg.balance.enabled:
         from stts_dist.train.balance_callback import BalanceLogger
         cbs.append(BalanceLogger(cfg.train.log_every))
