@@ -16,7 +16,8 @@ def measure_loader(cfg: Any, num_workers: int, steps: int, batch_size: int = 8, 
 
     ``cfg``: LoaderConfig / dict / OmegaConf node, or a shard folder path. Returns
     ``loader_samples_per_s``, ``loader_vit_tokens_per_s`` (patches before pruning),
-    ``loader_llm_visual_tokens_per_s`` (after STTS pruning), ``loader_frames_per_s`` and timings."""
+    ``loader_llm_visual_tokens_per_s`` (before pruning: the shards serve every ratio),
+    ``loader_frames_per_s`` and timings."""
     from data_pipeline.loader import VideoLoader
 
     if isinstance(cfg, (str, Path)):
@@ -36,7 +37,7 @@ def measure_loader(cfg: Any, num_workers: int, steps: int, batch_size: int = 8, 
             t = int(s["frames"].shape[0])
             frames += t
             vit += t * s["meta"]["patches_per_frame"]
-            llm += s["meta"]["llm_visual_tokens"]
+            llm += t * s["meta"]["groups_per_frame"]
     seconds = time.perf_counter() - warm
     batches.close()
     return {"loader_samples_per_s": round(samples / seconds, 2),

@@ -30,12 +30,16 @@ from data_pipeline.manifest import ManifestEntry, cap_per_task, read_manifest
 from data_pipeline.records import encode_members, text_token_counter
 from data_pipeline.shard_io import atomic_write_bytes, atomic_write_json, marker_name, remove_stale_temp_files
 from data_pipeline.shard_worker import decode_entry, describe_failure, process_unit, sample_key
+from stts_dist.tokenizer import WordTokenizer
 from stts_dist.train.checkpoint import sha256_file
 
 PLAN_FILE, INDEX_FILE, ERRORS_FILE = "plan.json", "index.json", "errors.jsonl"
-INDEX_VERSION = 1
+# The word vocabulary of the manifest's questions and answers (stts_dist.tokenizer.WordTokenizer):
+# a run trained on these shards without a pretrained LLM tokenizer uses it.
+VOCAB_FILE = "tokenizer.json"
+INDEX_VERSION = 2          # 2: no pruning ratio and no per-ratio budgets in the rows
 # Fields that change shard content or index numbers; a rerun must agree on all of them.
-CONTENT_FIELDS = ("image_size", "patch_size", "pool_size", "prune_ratio", "fps", "max_frames", "frame_format",
+CONTENT_FIELDS = ("image_size", "patch_size", "pool_size", "fps", "max_frames", "frame_format",
                   "jpeg_quality", "target_shard_bytes", "samples_per_shard", "samples_per_task")
 PROBE_SAMPLES, PROBE_TRIES = 3, 16
 file_sha256 = sha256_file
@@ -45,6 +49,21 @@ def content_config(cfg: Any, tokenizer_name: str) -> dict[str, Any]:
     out = {k: cfg[k] for k in CONTENT_FIELDS}
     out["text_tokenizer"] = tokenizer_name
     return out
+
+
+def keyed_shard_dir(work_dir: str | os.PathLike, manifest: str | os.PathLike, cfg: Any = None) -> Path:
+    """``<work_dir>/shards_<manifest name>_<key>``: the shard folder of one input. ``key`` hashes
+    the manifest's bytes and the settings that change shard content, so two manifests (or one
+    manifest at two frame sizes) never share a folder, and the same input always finds its shards."""
+    path = Path(manifest)
+    name = path.stem if path.stem not in ("manifest", "train", "data") else f"{path.parent.name}_{path.stem}"
+    if not path.is_file():       # ensure_shards names the problem
+        return Path(work_dir) / f"shards_{name}"
+    base = OmegaConf.merge(OmegaConf.structured(ShardingConfig), cfg if cfg is not None else {})
+    spec = {"manifest_sha256": file_sha256(path),
+            "content": content_config(base, text_token_counter()[1])}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(work_dir) / f"shards_{name}_{key}"
 
 
 def probe_bytes_per_sample(entries: list[ManifestEntry], cfg: Any) -> float:
@@ -155,6 +174,12 @@ def run_units_on_ray(todo: list[tuple[int, list[ManifestEntry]]], cfg: Any, out_
     return failures
 
 
+def write_vocabulary(out_dir: Path, entries: list[ManifestEntry]) -> None:
+    """``tokenizer.json``: the word vocabulary of every question and answer of the manifest."""
+    vocab = WordTokenizer.from_texts(t for e in entries for t in e.texts)
+    atomic_write_bytes(Path(out_dir) / VOCAB_FILE, vocab.to_json().encode())
+
+
 def write_index(out_dir: Path, plan: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """``index.json`` (shards + per-sample rows, unit order) and ``errors.jsonl`` (line order)."""
     results = sorted(results, key=lambda r: r["unit"])
@@ -231,6 +256,7 @@ def build_shards(cfg: Any) -> dict[str, Any]:
         raise ShardingError(f"{len(failures)} of {len(units)} work units failed after {cfg.max_retries} retries "
                             f"(first: unit {failures[0]['unit']}: {failures[0]['error']}). Finished units are "
                             "kept; rerun the same command to retry the rest")
+    write_vocabulary(out_dir, entries)
     index = write_index(out_dir, plan, list(results.values()))
     skipped_by_kind: dict[str, int] = {}
     for r in results.values():
@@ -245,7 +271,7 @@ def build_shards(cfg: Any) -> dict[str, Any]:
 def index_is_current(out_dir: Path, manifest: Path, cfg: Any) -> bool:
     """True when ``out_dir`` holds a finished index built from this manifest and config."""
     plan_path, index_path = out_dir / PLAN_FILE, out_dir / INDEX_FILE
-    if not (plan_path.is_file() and index_path.is_file()):
+    if not (plan_path.is_file() and index_path.is_file() and (out_dir / VOCAB_FILE).is_file()):
         return False
     plan = json.loads(plan_path.read_text())
     check_plan_compatible(plan, file_sha256(manifest), content_config(cfg, text_token_counter()[1]), out_dir)

@@ -23,11 +23,12 @@ FRAME_FORMATS = ("jpeg", "npy")
 class ShardingConfig:
     manifest: str = ""                 # input JSONL manifest (required)
     out_dir: str = ""                  # shard folder to create (required)
-    # Frame geometry and token budget: must match the model that will train on the shards.
+    # Frame geometry: must match the model that will train on the shards (the trainer derives it
+    # from its own config when it shards). The token budget of any pruning ratio is computed from
+    # these at load time, so one shard folder serves every method and ratio.
     image_size: int = 64               # square ViT input, pixels
     patch_size: int = 8
-    pool_size: int = 3                 # g: one LLM token per g x g patch group
-    prune_ratio: float = 0.5           # STTS ratio used for llm_visual_tokens in the index
+    pool_size: int = 2                 # g: one LLM token per g x g patch group
     # Frame sampling.
     fps: float = 2.0                   # frames per second to sample; 0 = every native frame
     max_frames: int = 16               # longer clips are sampled uniformly down to this many
@@ -78,7 +79,6 @@ def validate_sharding(cfg: Any) -> None:
     _check(cfg.image_size >= 2 and cfg.image_size % cfg.patch_size == 0,
            f"sharding: image_size={cfg.image_size} must be a positive multiple of patch_size={cfg.patch_size}")
     _check(cfg.pool_size >= 1, "sharding: pool_size must be >= 1")
-    _check(0.0 <= cfg.prune_ratio < 1.0, f"sharding: prune_ratio={cfg.prune_ratio} must be in [0, 1)")
     _check(cfg.fps >= 0.0, f"sharding: fps={cfg.fps} must be >= 0 (0 = every native frame)")
     _check(1 <= cfg.max_frames <= 999, "sharding: max_frames must be in [1, 999] (frame members are numbered NNN)")
     _check(cfg.frame_format in FRAME_FORMATS, f"sharding: frame_format='{cfg.frame_format}' must be one of {FRAME_FORMATS}")

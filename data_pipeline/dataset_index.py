@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import DatasetIndexError
+from stts_dist.stts import budget
 
 INDEX_FILE = "index.json"
 
@@ -30,7 +31,6 @@ class DatasetIndex:
     frames: np.ndarray            # (N,) int64
     patches_per_frame: np.ndarray  # (N,) int64
     groups_per_frame: np.ndarray  # (N,) int64
-    llm_visual_tokens: np.ndarray  # (N,) int64
     text_tokens: np.ndarray       # (N,) int64
     is_video: np.ndarray          # (N,) bool
     config: dict
@@ -42,6 +42,18 @@ class DatasetIndex:
     def vit_tokens(self) -> np.ndarray:
         """(N,) patches the ViT sees per sample before pruning: frames * patches_per_frame."""
         return self.frames * self.patches_per_frame
+
+    @property
+    def llm_visual_tokens_unpruned(self) -> np.ndarray:
+        """(N,) LLM visual tokens per sample before pruning: frames * groups_per_frame."""
+        return self.frames * self.groups_per_frame
+
+    def llm_visual_tokens(self, prune_ratio: float) -> np.ndarray:
+        """(N,) LLM visual tokens per sample after STTS prunes ``prune_ratio`` of each video
+        (``stts_dist.stts.budget``): the budget of any ratio from what the shards store. Raises
+        ValueError naming the shortest clip when a video is too short to keep its first frame."""
+        return np.array([budget.llm_visual_tokens(int(g), int(t), prune_ratio, bool(v))
+                         for g, t, v in zip(self.groups_per_frame, self.frames, self.is_video)], dtype=np.int64)
 
     def shard_path(self, shard: int) -> Path:
         return self.root / self.shard_names[shard]
@@ -80,5 +92,5 @@ def load_index(shard_dir: str | Path, name: str = "") -> DatasetIndex:
         shard_bytes=np.array([s["bytes"] for s in index["shards"]], dtype=np.int64),
         shard_of_sample=shard_of_sample, keys=[r["key"] for r in rows], ids=[r["id"] for r in rows],
         tasks=[r["task"] for r in rows], frames=col("frames"), patches_per_frame=col("patches_per_frame"),
-        groups_per_frame=col("groups_per_frame"), llm_visual_tokens=col("llm_visual_tokens"),
+        groups_per_frame=col("groups_per_frame"),
         text_tokens=col("text_tokens"), is_video=col("is_video", bool), config=index.get("config", {}))

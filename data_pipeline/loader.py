@@ -68,7 +68,6 @@ def _sample_from(decoded: dict[str, Any], index: DatasetIndex, dataset: int, sam
             "original_size": record["original_size"], "source": record["source"],
             "patches_per_frame": int(index.patches_per_frame[sample]),
             "groups_per_frame": int(index.groups_per_frame[sample]),
-            "llm_visual_tokens": int(index.llm_visual_tokens[sample]),
             "text_tokens": int(index.text_tokens[sample]), "is_video": bool(index.is_video[sample]),
             "user": record.get("meta", {})}
     return {"frames": tensor, "question": record["question"], "answer": record["answer"], "id": record["id"],
@@ -287,13 +286,13 @@ class VideoLoader:
             done += 1
 
     def token_totals(self) -> dict[str, int]:
-        """Visual (ViT patches, LLM tokens after pruning) and text tokens of this rank's current
+        """Visual (ViT patches, LLM tokens before pruning) and text tokens of this rank's current
         epoch, from the index alone."""
         order = self.plan.rank_order(self.epoch, self.dp_rank)
-        totals = {"vit_tokens": 0, "llm_visual_tokens": 0, "text_tokens": 0}
+        totals = {"vit_tokens": 0, "llm_visual_tokens_unpruned": 0, "text_tokens": 0}
         for d, ix in enumerate(self.indexes):
             picked = order[order[:, 0] == d, 1]
             totals["vit_tokens"] += int(ix.vit_tokens[picked].sum())
-            totals["llm_visual_tokens"] += int(ix.llm_visual_tokens[picked].sum())
+            totals["llm_visual_tokens_unpruned"] += int(ix.llm_visual_tokens_unpruned[picked].sum())
             totals["text_tokens"] += int(ix.text_tokens[picked].sum())
         return totals

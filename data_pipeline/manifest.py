@@ -48,6 +48,11 @@ class ManifestEntry:
     turns: tuple[tuple[str, str], ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def texts(self) -> list[str]:
+        """Every question and answer of the conversation, in order."""
+        return [self.question, self.answer] + [t for turn in self.turns for t in turn]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, used to ship entries to Ray tasks."""
         return {"line": self.line, "id": self.id, "video": self.video, "video_ref": self.video_ref,

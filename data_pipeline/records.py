@@ -1,8 +1,9 @@
 """Per-sample shard record: the JSON written next to the frames and the index row derived from it.
 
-The record carries every number a planner needs without decoding pixels: frame count, patches
-and groups per frame, LLM visual tokens after STTS pruning (``stts_dist/stts/budget.py``) and
-text tokens.
+The record carries every number a token budget is computed from without decoding pixels: frame
+count, patches and groups per frame, and text tokens. It records no pruning ratio: the LLM visual
+tokens of any method and ratio follow from these at load time (``stts_dist/stts/budget.py``,
+``DatasetIndex.llm_visual_tokens``), so one shard folder serves pruned and unpruned runs alike.
 """
 from __future__ import annotations
 
@@ -15,29 +16,25 @@ import numpy as np
 from data_pipeline.manifest import ManifestEntry
 from data_pipeline.video import DecodedClip
 from stts_dist.stts import budget
+from stts_dist.tokenizer import WORD_SPLIT_NAME, word_pieces
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 # The index row: what the loader and the balancer read for every sample.
 INDEX_FIELDS = ("shard", "key", "id", "task", "frames", "patches_per_frame", "groups_per_frame",
-                "llm_visual_tokens", "text_tokens", "is_video")
+                "text_tokens", "is_video")
 
 
 def text_token_counter() -> tuple[Callable[[str], int], str]:
-    """``(count(text) -> int, name)``: the project tokenizer when importable, else whitespace words.
-
-    The name is stored in the shard plan, so shards counted by different tokenizers never mix."""
-    try:
-        from stts_dist.tokenizer import default_tokenizer
-        tok = default_tokenizer()
-        return (lambda text: len(tok.encode(text))), "stts_dist.tokenizer.default_tokenizer"
-    except ImportError:
-        return (lambda text: len(text.split())), "whitespace"
+    """``(count(text) -> int, name)``: the words a text splits into under the project's word
+    tokenizer (punctuation split off). A word tokenizer gives one token per piece whatever its
+    vocabulary, so the count holds for the vocabulary learned from the same manifest. The name
+    is stored in the shard plan, so shards counted by another splitting never mix."""
+    return (lambda text: len(word_pieces(text))), WORD_SPLIT_NAME
 
 
 def count_text_tokens(entry: ManifestEntry, count: Callable[[str], int]) -> int:
     """Tokens of every question and answer of the conversation (specials excluded)."""
-    texts = [entry.question, entry.answer] + [t for turn in entry.turns for t in turn]
-    return sum(count(t) for t in texts)
+    return sum(count(t) for t in entry.texts)
 
 
 def effective_fps(timestamps: list[float], requested_fps: float, native_fps: float) -> float:
@@ -64,8 +61,6 @@ def build_record(entry: ManifestEntry, clip: DecodedClip, key: str, cfg: Any, te
         "original_size": list(clip.original_size), "codec": clip.codec,
         "image_size": cfg.image_size, "frame_format": cfg.frame_format,
         "frames": frames, "patches_per_frame": patches, "groups_per_frame": groups,
-        "prune_ratio": cfg.prune_ratio,
-        "llm_visual_tokens": budget.llm_visual_tokens(groups, frames, cfg.prune_ratio, is_video),
         "text_tokens": text_tokens, "is_video": is_video,
     }
 

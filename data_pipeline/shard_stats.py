@@ -36,7 +36,7 @@ def summarize(shard_dir: str | Path) -> dict[str, Any]:
         "bytes": int(index.shard_bytes.sum()), "skipped": sum(skipped.values()), "skipped_by_kind": skipped,
         "videos": int(index.is_video.sum()), "per_task": tasks, "config": index.config,
         "frames": _stats(index.frames), "vit_tokens": _stats(index.vit_tokens),
-        "llm_visual_tokens": _stats(index.llm_visual_tokens), "text_tokens": _stats(index.text_tokens),
+        "llm_visual_tokens_unpruned": _stats(index.llm_visual_tokens_unpruned), "text_tokens": _stats(index.text_tokens),
     }
 
 

@@ -62,11 +62,7 @@ def process_unit(unit: int, entries: list[dict[str, Any]], cfg: dict[str, Any], 
                 errors.append(error_row(entry, e.kind, str(e)))
                 continue
             key = sample_key(entry)
-            try:
-                record = build_record(entry, clip, key, conf, count_text_tokens(entry, count))
-            except ValueError as e:  # budget.py: too few frames to prune prune_ratio of them
-                errors.append(error_row(entry, "token_budget", f"{entry.video}: {clip.frames.shape[0]} frames: {e}"))
-                continue
+            record = build_record(entry, clip, key, conf, count_text_tokens(entry, count))
             writer.write(encode_members(key, clip, record, conf))
             rows.append(index_row(record, shard))
         if rows:

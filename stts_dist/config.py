@@ -125,6 +125,10 @@ class DataConfig:
     min_frames: int = 0           # >0: videos of random length in [min_frames, num_frames]
     train_samples: int = 4000
     eval_samples: int = 256
+    # the trainer's held-out data for source=manifest|shards: a manifest (.jsonl, same format as
+    # the training one) or a shard folder. Empty: no accuracy evaluation (the digits eval split is
+    # not your data). The digits sources evaluate on their own held-out split.
+    eval_path: str = ""
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["count", "last", "direction", "corner"])
     digit_style: str = "mnist"    # digits tasks: mnist (handwritten) | printed (a font, quicker to learn)
@@ -216,7 +220,7 @@ class BalanceConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "default"
+    name: str = ""                 # "" -> derived from the data and the method (derived_run_name)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -341,7 +345,28 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     Returns a typed OmegaConf object that behaves like a ``RunConfig``."""
     cfg = load_structured(RunConfig, path, overrides)
     validate(cfg)
+    if not cfg.name:
+        cfg.name = derived_run_name(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def derived_run_name(cfg: Any) -> str:
+    """``<data>-<method>``: e.g. ``digits-stts50``, ``shapes-train-unpruned``, ``clips-random80``.
+    The data part is ``digits`` for the built-in task, else the manifest's or shard folder's name
+    (with its folder when the file name alone says little, like ``train.jsonl``)."""
+    d, s = cfg.data, cfg.model.stts
+    if d.source in ("digits", "digits_mp4"):
+        data = "digits"
+    else:
+        p = Path(str(d.path).rstrip("/"))
+        data = p.stem if p.suffix not in (".jsonl", ".json") or p.stem not in GENERIC_MANIFEST_NAMES \
+            else f"{p.parent.name}-{p.stem}"
+    method = "unpruned" if s.method == "none" or s.prune_ratio == 0 else \
+        f"{'stts' if s.method == 'scorer' else s.method}{round(100 * s.prune_ratio)}"
+    return f"{data}-{method}"
+
+
+GENERIC_MANIFEST_NAMES = ("manifest", "train", "training", "data", "videos", "index")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -389,6 +414,12 @@ def validate(cfg: Any) -> None:
     _check(d.source in ("digits", "digits_mp4") or bool(d.path),
            f"data.source={d.source} needs data.path (a shard folder or a manifest .jsonl)")
     _check(d.num_frames >= 1, "data.num_frames must be >= 1")
+    if d.eval_path:
+        _check(d.source not in ("digits", "digits_mp4"),
+               f"data.eval_path is for your own data (data.source=manifest|shards); data.source={d.source} "
+               "evaluates on the digits task's own held-out split: drop data.eval_path")
+        _check(Path(d.eval_path).exists(), f"data.eval_path={d.eval_path} does not exist; point it at a held-out "
+               "manifest (.jsonl, like the training one) or a shard folder")
     if d.source in ("digits", "digits_mp4"):
         from stts_dist.data.digits import DIGIT_STYLES, TASKS
         unknown = [t for t in d.tasks if t not in TASKS]

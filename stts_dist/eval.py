@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import normalize_answer
+from stts_dist.heldout import EvalError, describe_unknown_words, make_source, unknown_word_report
 from stts_dist.infer import InferenceInputError, pick_device, timed_generate, vit_patches_per_sample
 from stts_dist.object_coverage import CoverageCounts, sample_coverage
 from stts_dist.stts.budget import llm_visual_tokens, pruned_groups
@@ -51,8 +51,6 @@ DEFAULT_RATIOS = "0,0.3,0.5,0.7,0.8"
 DEFAULT_METHODS = "scorer,random,uniform,temporal_diff,none"
 
 
-class EvalError(ValueError):
-    """Bad stts-eval input; the message names it and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,92 +138,6 @@ def parse_methods(text: str) -> list[str]:
 # {"frames": (T,H,W,3) uint8, "question", "answer", "id", "task"} and the global task list.
 def task_of(sample: dict) -> str:
     return str(sample.get("task") or "all")
-
-
-class DigitsSource:
-    """The built-in moving-digits eval split (never-seen digit images), generated at any T."""
-    fixed_frames = False
-
-    def __init__(self, cfg: Any, limit: int):
-        self.cfg, self.count = cfg, limit or cfg.data.eval_samples
-        self.tasks = sorted(set(cfg.data.tasks))
-        self.name = "digits"
-
-    def samples(self, frames: int, rank: int, world: int) -> list[dict]:
-        from stts_dist.data.digits import make_sample
-        d = self.cfg.data
-        return [make_sample(i, d.seed, frames, self.cfg.model.vit.image_size, list(d.tasks), split="eval",
-                            style=d.digit_style)
-                for i in range(rank, self.count, world)]
-
-
-class ManifestSource:
-    """A JSONL manifest of video files (``data_pipeline.manifest``), decoded here with PyAV:
-    T frames uniformly over each clip ``[start, end)``, like stts-infer."""
-    fixed_frames = False
-
-    def __init__(self, path: str, image_size: int, limit: int):
-        from data_pipeline.manifest import read_manifest
-        self.entries = read_manifest(path)[:limit or None]
-        self.image_size = image_size
-        self.tasks = sorted({e.task or "all" for e in self.entries})
-        self.name = f"manifest:{path}"
-        self.short_clips: dict[int, int] = {}   # requested frames -> clips that had fewer (this rank)
-
-    def samples(self, frames: int, rank: int, world: int) -> list[dict]:
-        from data_pipeline.errors import VideoReadError
-        from data_pipeline.video import read_clip
-        out = []
-        for e in self.entries[rank::world]:
-            try:
-                clip = read_clip(e.video, self.image_size, fps=0.0, max_frames=frames, start=e.start, end=e.end)
-            except VideoReadError as err:
-                raise EvalError(f"manifest line {e.line} (id {e.id}): {err}") from None
-            if len(clip.frames) < frames:
-                self.short_clips[frames] = self.short_clips.get(frames, 0) + 1
-            out.append({"frames": clip.frames, "question": e.question, "answer": e.answer, "id": e.id, "task": e.task})
-        return out
-
-
-class ShardSource:
-    """A finished shard folder (``data_pipeline``): frames were sampled at sharding time, so the
-    frame count is the shards' (``--frames`` and test-time scaling do not apply)."""
-    fixed_frames = True
-
-    def __init__(self, path: str, limit: int, workers: int = 0):
-        from data_pipeline.dataset_index import load_index
-        self.path, self.limit, self.workers = path, limit, workers
-        self.index = load_index(path)
-        self.tasks = sorted({t or "all" for t in self.index.tasks})
-        self.name = f"shards:{path}"
-        videos = self.index.frames[self.index.is_video]
-        self.min_video_frames = int(videos.min()) if len(videos) else 1
-        self.frames = int(np.median(self.index.frames))
-
-    def samples(self, frames: int, rank: int, world: int) -> list[dict]:
-        from data_pipeline.loader import VideoLoader
-        loader = VideoLoader({"datasets": [{"path": self.path}], "shuffle_shards": False, "shuffle_window": 0,
-                              "pad_to_equal": True, "num_workers": self.workers}, dp_rank=rank, dp_size=world)
-        total = min(self.limit or loader.plan.epoch_size, loader.plan.epoch_size)
-        out = []
-        for s in loader:
-            position = s["meta"]["position"] * world + rank  # rank r reads global positions r, r+W, ...
-            if position >= total:  # the wrap-around padding or beyond --samples
-                break
-            out.append({"frames": s["frames"].numpy(), "question": s["question"], "answer": s["answer"],
-                        "id": s["id"], "task": s["task"]})
-        return out
-
-
-def make_source(spec: str, cfg: Any, limit: int, workers: int = 0):
-    if spec == "digits":
-        return DigitsSource(cfg, limit)
-    kind, _, path = spec.partition(":")
-    if kind == "manifest" and path:
-        return ManifestSource(path, cfg.model.vit.image_size, limit)
-    if kind == "shards" and path:
-        return ShardSource(path, limit, workers)
-    raise EvalError(f"--data '{spec}' must be digits, shards:DIR (a finished shard folder) or manifest:FILE.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +246,20 @@ def reduce_tallies(tallies: list[Tally], tasks: list[str], world: int) -> list[T
 
 
 # ---------------------------------------------------------------------------------------------
+def gather_unknown_words(tokenizer, samples: Sequence[dict], world: int) -> Optional[dict]:
+    """:func:`unknown_word_report` over every rank's samples (None for an open vocabulary)."""
+    mine = unknown_word_report(tokenizer, samples)
+    if mine is None or world <= 1:
+        return mine
+    import torch.distributed as dist
+    reports: list[Any] = [None] * world
+    dist.all_gather_object(reports, mine)
+    out = {k: sum(r[k] for r in reports) for k in ("words", "unknown", "answers_with_unknown")}
+    out["share"] = out["unknown"] / max(out["words"], 1)
+    out["top"] = list(dict.fromkeys(w for r in reports for w in r["top"]))[:10]
+    return out
+
+
 def summarize(settings: Sequence[Setting], tallies: Sequence[Tally], tasks: Sequence[str]) -> list[dict]:
     """One row per setting with accuracy, tokens and timing; speed-up relative to the baseline row."""
     rows = []
@@ -573,6 +499,9 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
                                        adaptive_strength=args.adaptive if s.kind == "adaptive" else None))
         tasks = list(source.tasks)
         tallies = reduce_tallies(tallies, tasks, world)
+        unknown = gather_unknown_words(tokenizer, next(iter(cache.values()), []), world)
+        if unknown and unknown["unknown"]:
+            notes.append(describe_unknown_words(unknown))
         for n, count in sorted(getattr(source, "short_clips", {}).items()):
             notes.append(f"{count} clip(s) on rank {rank} have fewer than {n} frames: evaluated with all their frames "
                          f"(see the frames and token columns)")
@@ -582,7 +511,7 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
         manifest = json.loads((step_dir / "manifest.json").read_text()) if (step_dir / "manifest.json").is_file() else {}
         report = {"checkpoint": str(step_dir), "step": manifest.get("step"), "data": source.name, "frames": frames,
                   "groups_per_frame": G, "tts_factor": tts, "world_size": world, "device": device.type,
-                  "tasks": tasks, "rows": rows, "notes": notes}
+                  "tasks": tasks, "rows": rows, "notes": notes, "unknown_words": unknown}
         if rank == 0:
             out = Path(args.out) if args.out else default_out_dir(step_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,14 @@ def test_summary_checks_the_targets_from_the_rows(tmp_path):
            {"scorer@0.5": 0.80})
     _write(tmp_path, "stts80", {"none@0": 0.78, "scorer@0.8": 0.75, "random@0.8": 0.74, "uniform@0.8": 0.70},
            {"scorer@0.8": 0.77})
-    res = study.summarize(tmp_path)
+    curves = {"stts50": [0.60, 0.78, 0.795], "unpruned": [0.62, 0.79, 0.80], "stts80": [0.5, 0.70, 0.75],
+              "stts50_seed1": [0.6, 0.79, 0.785], "unpruned_seed1": [0.6, 0.80, 0.805]}
+    for name, accs in curves.items():                 # learning curves at steps 100, 200, 300
+        (tmp_path / name).mkdir(exist_ok=True)
+        setting = study.OWN_SETTING[name]
+        (tmp_path / name / "eval_history.jsonl").write_text("".join(
+            json.dumps({"step": 100 * (i + 1), f"eval/{setting}/acc": a}) + "\n" for i, a in enumerate(accs)))
+    res = study.summarize(tmp_path, 300)
     assert abs(res["stts50_minus_unpruned"] - (-0.5)) < 1e-9          # 79.5 vs 80.0
     assert abs(res["stts80_minus_random"] - 1.0) < 1e-9 and abs(res["stts80_minus_uniform"] - 5.0) < 1e-9
     assert abs(res["stts80_minus_random_on_unpruned_model"] - 5.0) < 1e-9
@@ -52,7 +59,15 @@ def test_summary_checks_the_targets_from_the_rows(tmp_path):
     assert res["targets"] == {"stts50_within_0.7pt": True, "stts80_beats_random_uniform_by_2pt": False,
                               "tts_at_least_unpruned": True}
     assert abs(res["prefill_speedup"]["scorer"]["0.5"] - 1 / 0.75) < 1e-9
+    conv = res["convergence"]
+    # converged: the final evaluation and the latest one >= 20% of training earlier (step 200) within 1 point
+    assert abs(conv["stts50"]["last_change_points"] - 1.5) < 1e-9 and not conv["stts50"]["converged"]
+    assert abs(conv["unpruned"]["last_change_points"] - 1.0) < 1e-9 and conv["unpruned"]["converged"]
+    assert conv["stts80"]["compared_with_step"] == 200 and not conv["stts80"]["converged"]
+    assert not res["all_converged"]
+    assert abs(res["stts50_minus_unpruned_seed1"] - (-2.0)) < 1e-9           # 78.5 vs 80.5
+    assert abs(res["stts50_minus_unpruned_mean_of_seeds"] - (-1.25)) < 1e-9
     table = (tmp_path / "summary.md").read_text().splitlines()
-    assert table[0].startswith("| model | setting |") and len(table) == 2 + 3 * (21 + 8)
+    assert table[0].startswith("| model | setting |") and len(table) == 2 + 3 * (21 + 8) + 3 + 5
     assert (tmp_path / "accuracy_study.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text())["targets"] == res["targets"]

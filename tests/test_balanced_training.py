@@ -249,7 +249,7 @@ def _tiny_shards(tmp_path):
     """12 variable-length digits clips (2..12 frames) sharded in-process (no Ray), npy frames."""
     from omegaconf import OmegaConf
 
-    from data_pipeline.build_shards import file_sha256, make_plan, write_index
+    from data_pipeline.build_shards import file_sha256, make_plan, write_index, write_vocabulary
     from data_pipeline.config import ShardingConfig
     from data_pipeline.manifest import read_manifest
     from data_pipeline.records import text_token_counter
@@ -263,12 +263,13 @@ def _tiny_shards(tmp_path):
     out = tmp_path / "shards"
     out.mkdir()
     cfg = OmegaConf.structured(ShardingConfig(manifest=str(manifest), out_dir=str(out), image_size=32, patch_size=8,
-                                              pool_size=2, prune_ratio=0.5, fps=0.0, max_frames=12,
+                                              pool_size=2, fps=0.0, max_frames=12,
                                               frame_format="npy", samples_per_shard=6))
     entries = read_manifest(manifest)
     plan = make_plan(entries, cfg, file_sha256(manifest), text_token_counter()[1], 1)
     results = [process_unit(u, [e.to_dict() for e in entries[u * 6:(u + 1) * 6]], OmegaConf.to_container(cfg),
                             str(out), plan["plan_hash"]) for u in range(2)]
+    write_vocabulary(out, entries)
     write_index(out, plan, results)
     return out
 

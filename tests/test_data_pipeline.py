@@ -21,6 +21,7 @@ import pytest
 from data_pipeline.build_shards import build_shards, ensure_shards, main as build_main
 from data_pipeline.config import LoaderConfig, load_sharding_config
 from data_pipeline.errors import ShardFormatError, ShardingError, UnsafeMemberError
+from data_pipeline.dataset_index import load_index
 from data_pipeline.loader import LoaderStateError, VideoLoader
 from data_pipeline.safe_decode import decode_sample
 from data_pipeline.synth_digits import write_synthetic
@@ -77,7 +78,7 @@ class Built:
 
 def sharding_overrides(manifest: Path, out: Path, *extra: str) -> list[str]:
     return [f"manifest={manifest}", f"out_dir={out}", f"image_size={IMAGE}", f"fps={FPS}",
-            f"max_frames={MAX_FRAMES}", "samples_per_shard=3", "progress_bar=false", "max_retries=0", *extra]
+            f"max_frames={MAX_FRAMES}", "pool_size=3", "samples_per_shard=3", "progress_bar=false", "max_retries=0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +174,14 @@ def test_index_and_records_carry_planner_numbers(built):
     groups = budget.groups_per_frame(IMAGE, 8, 3)
     for row in index["samples"]:
         assert row["patches_per_frame"] == (IMAGE // 8) ** 2 and row["groups_per_frame"] == groups == 4
-        assert row["llm_visual_tokens"] == budget.llm_visual_tokens(groups, row["frames"], 0.5, row["is_video"])
+        assert "llm_visual_tokens" not in row          # no ratio in the shards: budgets come at load time
         assert 2 <= row["frames"] <= MAX_FRAMES and row["is_video"]
+    loaded = load_index(built.out)
+    for ratio in (0.0, 0.5, 0.7):
+        assert loaded.llm_visual_tokens(ratio).tolist() == [
+            budget.llm_visual_tokens(groups, r["frames"], ratio, r["is_video"]) for r in index["samples"]]
+    assert loaded.llm_visual_tokens_unpruned.tolist() == [groups * r["frames"] for r in index["samples"]]
+    assert index["config"].keys() >= {"image_size", "patch_size", "pool_size"} and "prune_ratio" not in index["config"]
     with tarfile.open(built.out / index["shards"][0]["name"]) as tf:
         first = index["samples"][0]
         record = json.loads(tf.extractfile(f"{first['key']}.json").read())
@@ -343,7 +350,7 @@ def test_rerun_with_other_config_is_refused_and_ensure_shards_reuses(built):
     with pytest.raises(ShardingError, match=r"different input: image_size \(was 48, now 64\)"):
         build_shards(load_sharding_config(None, sharding_overrides(built.manifest, built.out, "image_size=64")))
     before = (built.out / "index.json").stat().st_mtime_ns
-    cfg = {"image_size": IMAGE, "fps": FPS, "max_frames": MAX_FRAMES, "samples_per_shard": 3, "max_retries": 0}
+    cfg = {"image_size": IMAGE, "fps": FPS, "max_frames": MAX_FRAMES, "pool_size": 3, "samples_per_shard": 3, "max_retries": 0}
     assert ensure_shards(built.manifest, built.out, cfg) == built.out
     assert (built.out / "index.json").stat().st_mtime_ns == before  # current: nothing rebuilt
     assert ensure_shards(built.out, "/unused", None) == built.out
@@ -396,8 +403,8 @@ def test_tools_summary_contact_sheet_and_loader_throughput(built, tmp_path):
 
     stats = summarize(built.out)
     assert stats["samples"] == len(built.good_ids) and stats["skipped"] == 5
-    assert stats["llm_visual_tokens"]["total"] == sum(
-        r["llm_visual_tokens"] for r in json.loads((built.out / "index.json").read_text())["samples"])
+    assert stats["llm_visual_tokens_unpruned"]["total"] == sum(
+        4 * r["frames"] for r in json.loads((built.out / "index.json").read_text())["samples"])
     width, height = contact_sheet(built.out, tmp_path / "sheet.png", num_samples=3, max_frames=4)
     assert (width, height) == (4 * (IMAGE + 2) + 2, 3 * (IMAGE + 12 + 2) + 2)
     result = measure_loader(LoaderConfig(datasets=[{"path": str(built.out)}]), num_workers=1, steps=3, batch_size=2)
@@ -427,25 +434,36 @@ def test_read_clip_matches_brute_force_decoding_of_real_videos(start, end, fps, 
         np.testing.assert_array_equal(clip.frames, np.stack(expected))
 
 
-def test_clip_too_short_for_the_prune_ratio_is_skipped_not_fatal(tmp_path):
-    """A unit runs without Ray too; a sample whose token budget cannot be met is a per-sample skip."""
+def test_shards_serve_every_ratio_and_a_too_short_clip_is_named_at_load_time(tmp_path):
+    """A unit runs without Ray too. Shards store no ratio, so a clip too short for a run's ratio
+    is found when that run loads them, with the fix in the message."""
     from omegaconf import OmegaConf
 
+    from data_pipeline.build_shards import make_plan, write_index
     from data_pipeline.manifest import read_manifest
     from data_pipeline.shard_worker import process_unit
     from data_pipeline.synth_digits import write_mp4
+    from stts_dist.config import load_config
+    from stts_dist.train.sources import check_clip_lengths
 
     write_mp4(tmp_path / "v.mp4", tiny_sample(0, 0, 6, 32, ["t"])["frames"], fps=FPS)
     (tmp_path / "m.jsonl").write_text(json.dumps({"video": "v.mp4", "question": "q", "answer": "a"}) + "\n" +
                                       json.dumps({"video": "v.mp4", "question": "q", "answer": "a", "end": 0.5}) + "\n")
     cfg = load_sharding_config(None, [f"manifest={tmp_path / 'm.jsonl'}", f"out_dir={tmp_path}", "image_size=32",
-                                      "fps=0", "max_frames=6", "prune_ratio=0.8"])
-    entries = [e.to_dict() for e in read_manifest(tmp_path / "m.jsonl")]
-    result = process_unit(0, entries, OmegaConf.to_container(cfg), str(tmp_path), "plan")
-    # G = 4 groups per frame. 6 frames: int(4*0.8*6) = 19 <= 4*5 kept-first-frame limit -> fine;
+                                      "fps=0", "max_frames=6"])
+    entries = read_manifest(tmp_path / "m.jsonl")
+    plan = make_plan(entries, cfg, "sha", "words", 1)
+    result = process_unit(0, [e.to_dict() for e in entries], OmegaConf.to_container(cfg), str(tmp_path), plan["plan_hash"])
+    assert [r["frames"] for r in result["rows"]] == [6, 2] and result["errors"] == []
+    write_index(tmp_path, plan, [result])
+    # G = 4 groups per frame. 6 frames at r=0.8: int(4*0.8*6) = 19 <= 4*5 -> 5 kept;
     # the 0.5 s clip has 2 frames: int(4*0.8*2) = 6 > 4 -> cannot keep its first frame whole.
-    assert [r["frames"] for r in result["rows"]] == [6]
-    assert result["rows"][0]["llm_visual_tokens"] == 4 * 6 - 19
-    assert [(e["line"], e["kind"]) for e in result["errors"]] == [(2, "token_budget")]
+    run = lambda ratio: load_config(None, ["model.vit.image_size=32", f"model.stts.prune_ratio={ratio}",  # noqa: E731
+                                           "data.num_frames=6"])
+    assert load_index(tmp_path).llm_visual_tokens(0.5).tolist() == [24 - 12, 8 - 4]
+    check_clip_lengths(run(0.5), tmp_path)
+    with pytest.raises(ValueError, match=r"1 of 2 clips .* too few frames \(2-2\) to prune model.stts.prune_ratio=0.8 "
+                                         r".* lower the ratio to <= 0.500, or drop clips of 2 frames or fewer"):
+        check_clip_lengths(run(0.8), tmp_path)
     assert result["shard"] == "shard-000000.tar" and (tmp_path / "shard-000000.done.json").is_file()
     assert not list(tmp_path.glob("*.tmp-*"))  # no temp file left behind

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{stats['samples']} samples in {stats['shards']} shards ({stats['bytes'] / 1e6:.1f} MB), "
           f"{stats['skipped']} skipped {stats['skipped_by_kind'] or ''}; tasks {stats['per_task']}")
-    for k in ("frames", "vit_tokens", "llm_visual_tokens", "text_tokens"):
+    for k in ("frames", "vit_tokens", "llm_visual_tokens_unpruned", "text_tokens"):
         s = stats[k]
-        print(f"  {k:18s} min {s['min']:.0f}  mean {s['mean']:.1f}  p50 {s['p50']:.0f}  p95 {s['p95']:.0f}  "
+        print(f"  {k:26s} min {s['min']:.0f}  mean {s['mean']:.1f}  p50 {s['p50']:.0f}  p95 {s['p95']:.0f}  "
               f"max {s['max']:.0f}  total {s['total']:.0f}")
     if args.contact_sheet:
         print(f"  contact sheet: {args.contact_sheet} {stats['contact_sheet_size']}")

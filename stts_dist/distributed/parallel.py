@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,25 @@ def init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def default_single_process_world() -> None:
+    """Outside a launcher, a world of one (tests, debugging the engine in one process)."""
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+
+
+def preparation_barrier(timeout_s: float = DEFAULT_TIMEOUT_S,
+                        wait_s: float = 6 * 3600.0) -> Callable[[], None]:
+    """Join the world (if needed) and return a barrier for one-off set-up work that rank 0 does
+    before the model exists (stage-0 pre-training, sharding the videos, learning the vocabulary)
+    while the other ranks wait. Its gloo group has a long timeout (``wait_s``): that wait must not
+    trip the short collective timeout that catches dead ranks during training."""
+    default_single_process_world()
+    init_process_group(timeout_s=timeout_s)
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+    return lambda: dist.barrier(group=group)
 
 
 def initialize_parallel(tensor_parallel: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelLayout:

@@ -10,8 +10,6 @@ ranks hold different numbers of answer tokens.
 """
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,14 +27,11 @@ class DistributedTrainModule:
         from megatron.core import parallel_state as ps
 
         from stts_dist.distributed.deepspeed_engine import DeepSpeedSettings, initialize_engine
-        from stts_dist.distributed.parallel import initialize_parallel
+        from stts_dist.distributed.parallel import default_single_process_world, initialize_parallel
         from stts_dist.distributed.parallelize import parallelize_vlm
 
         par = cfg.parallel
-        if not dist.is_initialized() and "RANK" not in os.environ:
-            # a single process can still use the engine (tests, debugging)
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+        default_single_process_world()      # a single process can still use the engine
         self.layout = initialize_parallel(par.tensor_parallel, par.timeout_s)
         self.cfg = cfg
         self.rank = self.layout.rank
@@ -45,10 +40,6 @@ class DistributedTrainModule:
         self.world = {"world_size": self.layout.world_size, "tensor_parallel": self.layout.tensor_parallel}
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
         self.dp_group = ps.get_data_parallel_group()
-        # Rank 0 may spend minutes writing/sharding the dataset before the first step while the
-        # others wait; that wait must not trip the short collective timeout that catches dead
-        # ranks during training. A gloo group (works beside NCCL too) with a long timeout.
-        self._prep_group = dist.new_group(backend="gloo", timeout=timedelta(hours=6))
         torch.manual_seed(cfg.train.seed)          # identical full weights on every rank
         model = build_model(cfg.model, tokenizer)
         parallelize_vlm(model)
@@ -73,10 +64,6 @@ class DistributedTrainModule:
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def preparation_barrier(self) -> None:
-        """Barrier for one-off set-up work on rank 0 (dataset sharding), with a 6 h timeout."""
-        dist.barrier(group=self._prep_group)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank (one tiny all-reduce)."""

@@ -37,6 +37,7 @@ import numpy as np
 from stts_dist.balance import BalancePlanner, CostModel, Plan, SampleTable, balance_metrics
 from stts_dist.stts import budget
 from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
+from stts_dist.train.vocabulary import build_tokenizer
 
 UNBOUNDED = 1 << 40            # a budget of 0 in the config: larger than any micro-batch
 PLAN_AHEAD = 64                # steps planned (and prefetched by loader workers) at a time
@@ -186,14 +187,14 @@ class BalancedSource:
 
     # -- construction from a run config ---------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Any, dp_rank: int, dp_size: int, shard_dir: Any = None) -> "BalancedSource":
-        from stts_dist.tokenizer import build_tokenizer
+    def from_config(cls, cfg: Any, dp_rank: int, dp_size: int, shard_dir: Any = None,
+                    tokenizer: Any = None) -> "BalancedSource":
         d, b = cfg.data, cfg.balance
-        tokenizer = build_tokenizer(cfg)      # the trainer's tokenizer (same vocabulary)
+        tokenizer = tokenizer or build_tokenizer(cfg, shard_dir)      # the trainer's tokenizer
         geometry = TokenGeometry.from_config(cfg)
         if d.source == "digits":
             dataset = DigitsDataset(d.train_samples, d.seed, d.num_frames, cfg.model.vit.image_size, d.tasks,
-                                    "train", d.min_frames)
+                                    "train", d.min_frames, d.digit_style)
             frames = np.fromiter((dataset.frames_for(i) for i in range(len(dataset))), np.int64, len(dataset))
             table = geometry.table(frames, digits_text_tokens(dataset, tokenizer))
             reader: Any = DigitsRowReader(dataset, d.num_workers)

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg)
     try:
         results = trainer.fit()
-        if trainer.is_rank0:
-            _print_summary(cfg, results)
+        if trainer.is_rank0 and results:
+            _print_summary(results, len(trainer.eval_set))
         return 0
     except Preempted as e:
         print(f"[train] {e}; checkpoint written, resume by starting the same command again", flush=True)
@@ -38,14 +38,15 @@ def main(argv=None) -> int:
         trainer.close()
 
 
-def _print_summary(cfg, results: dict) -> None:
+def _print_summary(results: dict, n: int) -> None:
     """The final evaluation as a table: accuracy overall and per task, visual tokens, and -- where
     the data annotates its objects (digits) -- the share of the objects' groups each setting kept."""
-    rows = sorted({k.split("/")[1] for k in results if k.startswith("eval/")})
+    rows = sorted({k.split("/")[1] for k in results if k.startswith("eval/") and k.endswith("/acc")})
     tasks = sorted({k.split("/")[-1] for k in results if k.startswith("eval/") and "/acc/" in k})
-    n = int(cfg.data.eval_samples)
     print(f"\n=== eval on {n} held-out clips: exact-match accuracy (standard error of the overall figure) ===")
-    head = f"{'inference':<14}{'acc':>14}" + "".join(f"{t:>11}" for t in tasks) + f"{'LLM tokens':>12}{'obj recall':>12}"
+    objects = any(k.endswith("/obj_recall") for k in results)
+    head = f"{'inference':<14}{'acc':>14}" + "".join(f"{t:>11}" for t in tasks) + f"{'LLM tokens':>12}"
+    head += f"{'obj recall':>12}" if objects else ""
     print(head)
     for tag in rows:
         acc = results[f"eval/{tag}/acc"]
@@ -53,12 +54,15 @@ def _print_summary(cfg, results: dict) -> None:
         line = f"{tag:<14}{acc:>8.3f} ±{se:.3f}" + "".join(f"{results.get(f'eval/{tag}/acc/{t}', float('nan')):>11.3f}"
                                                          for t in tasks)
         line += f"{results[f'eval/{tag}/llm_visual_tokens']:>12.1f}"
-        recall = results.get(f"eval/{tag}/obj_recall")
-        line += f"{recall:>12.3f}" if recall is not None else f"{'-':>12}"
+        if objects:
+            recall = results.get(f"eval/{tag}/obj_recall")
+            line += f"{recall:>12.3f}" if recall is not None else f"{'-':>12}"
         print(line)
-    if any(k.endswith("/obj_recall") for k in results):
+    if objects:
         print("obj recall: share of the groups of frames >= 1 holding part of a digit that the setting kept "
               "(stts-eval shows precision and coverage too)")
+    if "eval/unknown_word_share" in results:
+        print(f"held-out words outside the training vocabulary: {100 * results['eval/unknown_word_share']:.1f}%")
     print(json.dumps({k: round(v, 4) for k, v in results.items() if k.endswith('/acc') or k.endswith('/obj_recall')}))
 
 

@@ -50,11 +50,29 @@ class DigitsSource:
         self.sampler.load_state_dict(state)
 
 
+def check_clip_lengths(cfg, shard_dir: Path) -> None:
+    """Shards serve every ratio, so whether each clip is long enough for this run's ratio (the
+    first frame is always kept whole) is checked here, at load time, naming the fix."""
+    from data_pipeline.dataset_index import load_index
+    s = cfg.model.stts
+    ratio = 0.0 if s.method == "none" else s.prune_ratio
+    index = load_index(shard_dir)
+    g = index.groups_per_frame
+    too_short = index.is_video & (index.frames > 1) & ((g * ratio * index.frames).astype(int) > g * (index.frames - 1))
+    if too_short.any():
+        shortest, longest = int(index.frames[too_short].min()), int(index.frames[too_short].max())
+        raise ValueError(f"{int(too_short.sum())} of {len(index)} clips in {shard_dir} have too few frames "
+                         f"({shortest}-{longest}) to prune model.stts.prune_ratio={ratio} and keep their first frame: "
+                         f"lower the ratio to <= {(shortest - 1) / shortest:.3f}, or drop clips of {longest} frames "
+                         f"or fewer from the manifest")
+
+
 class ShardSource:
     """The data pipeline's ``VideoLoader`` over a shard folder (decoding in its workers)."""
 
     def __init__(self, cfg, shard_dir: Path, dp_rank: int, dp_size: int):
         from data_pipeline.loader import VideoLoader
+        check_clip_lengths(cfg, shard_dir)
         d = cfg.data
         self.local_batch = cfg.train.batch_size // dp_size
         self.loader = VideoLoader({"datasets": [{"path": str(shard_dir)}], "seed": d.seed,
@@ -81,7 +99,6 @@ def sharding_overrides(cfg) -> dict:
     """The sharding settings that must agree with the model that trains on the shards."""
     m, d = cfg.model, cfg.data
     return {"image_size": m.vit.image_size, "patch_size": m.vit.patch_size, "pool_size": m.connector.pool_size,
-            "prune_ratio": m.stts.prune_ratio if m.stts.method != "none" else 0.0,
             "max_frames": d.num_frames, "fps": d.fps, "num_cpus": d.shard_cpus, "progress_bar": False}
 
 
@@ -91,12 +108,12 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
     d = cfg.data
     if d.source == "digits":
         return None
-    from data_pipeline.build_shards import ensure_shards
+    from data_pipeline.build_shards import ensure_shards, keyed_shard_dir
     work = Path(d.work_dir)
     if d.source == "shards":
         return ensure_shards(d.path, d.path)
-    if d.source == "manifest":
-        return ensure_shards(d.path, work / "shards", sharding_overrides(cfg))
+    if d.source == "manifest":    # one folder per input (manifest bytes + frame geometry), any ratio
+        return ensure_shards(d.path, keyed_shard_dir(work, d.path, sharding_overrides(cfg)), sharding_overrides(cfg))
     # digits_mp4: the complete user path on generated data
     from data_pipeline.synth_digits import write_synthetic
     tasks = "-".join(sorted(d.tasks))
@@ -110,10 +127,10 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
     return ensure_shards(manifest, work / f"digits_shards_{tag}", sharding_overrides(cfg))
 
 
-def build_source(cfg, dp_rank: int, dp_size: int, shard_dir: Optional[Path]):
+def build_source(cfg, dp_rank: int, dp_size: int, shard_dir: Optional[Path], tokenizer: Any = None):
     if cfg.balance.enabled:    # pruning-aware split of each global batch across DP ranks
         from stts_dist.train.balanced_source import BalancedSource
-        return BalancedSource.from_config(cfg, dp_rank, dp_size, shard_dir)
+        return BalancedSource.from_config(cfg, dp_rank, dp_size, shard_dir, tokenizer)
     if cfg.data.source == "digits":
         return DigitsSource(cfg, dp_rank, dp_size)
     if shard_dir is None:

@@ -12,17 +12,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from stts_dist.config import config_hash, to_yaml
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import evaluate
+from stts_dist.heldout import DIGITS_SOURCES, describe_unknown_words, run_heldout_source, unknown_word_report
 from stts_dist.model.vlm import VideoVLM, build_model
-from stts_dist.tokenizer import build_tokenizer
 from stts_dist.train import checkpoint as ckpt
 from stts_dist.train.data import DigitsDataset
 from stts_dist.train.sources import build_source, prepare_shards
 from stts_dist.train.stage0 import ensure_digits_vit
+from stts_dist.train.vocabulary import build_tokenizer
 from stts_dist.train.optim import build_optimizer, set_learning_rates
 
 
@@ -129,14 +129,18 @@ def load_pretrained_weights(model, cfg) -> None:
         load_pretrained(model, pre)
 
 
-def build_train_module(cfg, tokenizer, device: torch.device):
-    """Single-process torch, or DeepSpeed ZeRO + megatron TP when launched on several ranks
-    (torchrun / srun / Ray set WORLD_SIZE) or when parallel.engine=deepspeed."""
-    import os
+def uses_distributed_engine(cfg) -> bool:
+    """DeepSpeed ZeRO + megatron TP when launched on several ranks (torchrun / srun / Ray set
+    WORLD_SIZE) or when ``parallel.engine=deepspeed``; single-process torch otherwise."""
     engine = cfg.parallel.engine
     if engine == "auto":
-        engine = "deepspeed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local"
-    if engine == "local":
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return engine == "deepspeed"
+
+
+def build_train_module(cfg, tokenizer, device: torch.device):
+    """Single-process torch, or DeepSpeed ZeRO + megatron TP (:func:`uses_distributed_engine`)."""
+    if not uses_distributed_engine(cfg):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("parallel.engine=local cannot run on several ranks; use parallel.engine=auto or deepspeed")
         model = build_model(cfg.model, tokenizer)
@@ -195,10 +199,8 @@ class Trainer:
         self.last_batch_ids: list[str] = []
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
-        self.tokenizer = build_tokenizer(cfg)
-        if module is None:   # stage 0 (cached): the ViT the model starts from
-            rank0 = int(os.environ.get("RANK", "0")) == 0
-            ensure_digits_vit(cfg, rank0, (lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
+        shard_dir = self._prepare_data(module is None)
+        self.tokenizer = build_tokenizer(cfg, shard_dir)
         self.module = module or build_train_module(cfg, self.tokenizer, self.device)
         self.model: VideoVLM = self.module.model
         self.rank = getattr(self.module, "rank", 0)
@@ -212,14 +214,21 @@ class Trainer:
         self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size,
                                        m.stts.frame_separators, self._adaptive_strength())
         d = cfg.data
-        barrier = getattr(self.module, "preparation_barrier", lambda: None)
-        if self.is_rank0:
-            prepare_shards(cfg, self.log)      # videos -> Ray -> WebDataset shards (once)
-        barrier()
-        shard_dir = prepare_shards(cfg, lambda m: None)   # now a no-op check on every rank
-        self.source = build_source(cfg, self.dp_rank, self.dp_size, shard_dir)
-        self.eval_set = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval", d.min_frames,
-                                      d.digit_style)
+        self.source = build_source(cfg, self.dp_rank, self.dp_size, shard_dir, self.tokenizer)
+        if d.source in DIGITS_SOURCES:    # the digits' eval split, with the training clip lengths
+            split = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval",
+                                  d.min_frames, d.digit_style)
+            self.eval_set: list[dict] = [split[i] for i in range(len(split))]
+        else:
+            heldout = run_heldout_source(cfg)
+            self.eval_set = heldout.samples(d.num_frames, 0, 1) if heldout is not None else []
+        if not self.eval_set:
+            self.log(f"[eval] data.source={d.source} without data.eval_path: no accuracy evaluation; set "
+                     "data.eval_path=YOUR_HELDOUT.jsonl (a manifest like the training one) to measure it")
+        self.unknown_words = (unknown_word_report(self.tokenizer, self.eval_set)
+                              if self.eval_set and d.source not in DIGITS_SOURCES else None)
+        if self.unknown_words and self.unknown_words["unknown"]:
+            self.log(f"[eval] {describe_unknown_words(self.unknown_words)}")
         self.callbacks = callbacks if callbacks is not None else default_callbacks(cfg)
         self._stop_signal: Optional[int] = None
         self.step = 0
@@ -228,6 +237,26 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.history: list[dict] = []
         self._saved_step: Optional[int] = None
+
+    def _prepare_data(self, stage0: bool) -> Optional[Path]:
+        """One-off set-up before the model exists, done by rank 0 while the other ranks wait:
+        the stage-0 ViT (cached), the videos sharded with Ray and their vocabulary learned (both
+        skipped when current). Returns the run's shard folder (None for in-memory digits)."""
+        cfg = self.cfg
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        barrier = lambda: None                                                    # noqa: E731
+        if uses_distributed_engine(cfg):
+            from stts_dist.distributed.parallel import preparation_barrier
+            barrier = preparation_barrier(cfg.parallel.timeout_s)
+        log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
+        if rank0:
+            if stage0:
+                ensure_digits_vit(cfg, True, log)
+            prepare_shards(cfg, log)          # videos -> Ray -> WebDataset shards (once)
+        barrier()
+        if stage0 and not rank0:
+            ensure_digits_vit(cfg, False, log)                  # rank 0 wrote it: now a cache hit
+        return prepare_shards(cfg, lambda msg: None)            # now a no-op check on every rank
 
     # ------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -290,7 +319,9 @@ class Trainer:
             methods_ratios = [("none" if r == 0 else s.method, r) for r in self.cfg.train.eval_prune_ratios]
             methods_ratios += [(m, r) for r in self.cfg.train.eval_prune_ratios if r > 0
                                for m in self.cfg.train.eval_methods if m != s.method]
-        samples = [self.eval_set[i] for i in range(len(self.eval_set))]
+        samples = self.eval_set
+        if not samples:
+            return {}
         # Data-parallel ranks share the eval set (each runs the same number of batches, so ZeRO-3's
         # collective parameter gathers stay in step); under TP every rank evaluates all of it.
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -305,6 +336,8 @@ class Trainer:
             for k, v in res.items():
                 if k != "n":
                     out[f"eval/{tag}/{k}"] = float(v)
+        if self.unknown_words is not None:
+            out["eval/unknown_word_share"] = float(self.unknown_words["share"])
         self._emit("on_eval_end", self.step, out)
         return out
 
@@ -387,6 +420,8 @@ class Trainer:
         gathers parameters collectively; rank 0 writes it and hands it to the callbacks, e.g.
         MLflow as an artifact under kept_tokens/)."""
         from stts_dist.visualize import snapshot_for_trainer
+        if not self.eval_set:
+            return
         path = snapshot_for_trainer(self.model, self.eval_set[0], self.out_dir, self.step, write=self.is_rank0)
         if path is not None:
             self._emit("on_artifact", str(path), "kept_tokens")
