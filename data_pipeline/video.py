@@ -116,6 +116,10 @@ def _frame_pts(path: str) -> tuple[np.ndarray, float, float, tuple[int, int], st
     try:
         stream = container.streams.video[0]
         time_base = float(stream.time_base) if stream.time_base else 0.0
+        if stream.codec_context is None:
+            raise VideoReadError(f"{path}: its video codec ('{getattr(getattr(stream, 'codec', None), 'name', 'unknown')}') has "
+                                 "no decoder in this PyAV/FFmpeg build; transcode the file, e.g. ffmpeg -i IN -c:v "
+                                 "libx264 -pix_fmt yuv420p out.mp4", kind="unsupported_codec")
         info = (float(stream.average_rate or 0.0), (stream.codec_context.width, stream.codec_context.height),
                 stream.codec_context.name)
         try:
@@ -151,24 +155,41 @@ def _decode_selected(path: str, wanted: list[int], seek_pts: int | None, size: i
     container = _open(path)
     remaining = set(wanted)
     out: dict[int, np.ndarray] = {}
+    decoded = 0
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if seek_pts is not None:
-            container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
+            try:
+                container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
+            except av.error.FFmpegError:
+                # some containers (e.g. .swf) refuse to seek (EPERM): decode from the start instead
+                container.close()
+                return _decode_selected(path, wanted, None, size)
         try:
             for frame in container.decode(stream):
+                decoded += 1
                 if frame.pts in remaining:
                     out[frame.pts] = frame_to_square(frame, size)
                     remaining.discard(frame.pts)
                     if not remaining:
                         break
         except av.error.FFmpegError as e:
-            raise VideoReadError(f"{path}: decoding failed ({e}); the file is corrupt or truncated",
-                                 kind="decode_error") from None
+            if decoded == 0 and seek_pts is None:
+                raise VideoReadError(undecodable_message(path, stream, e), kind="unsupported_codec") from None
+            raise VideoReadError(f"{path}: decoding failed after {decoded} frames ({e}); the file is corrupt or "
+                                 "truncated", kind="decode_error") from None
     finally:
         container.close()
     return out
+
+
+def undecodable_message(path: str, stream, error: Exception) -> str:
+    """Why not one frame of the stream decodes: the codec named, and the fix."""
+    codec = stream.codec_context.name if stream.codec_context is not None else "unknown"
+    return (f"{path}: not one frame of its '{codec}' video stream decodes with this PyAV/FFmpeg build ({error}); "
+            f"the codec (or this variant of it) is not supported here. Transcode the file, e.g. "
+            f"ffmpeg -i {os.path.basename(path)} -c:v libx264 -pix_fmt yuv420p out.mp4")
 
 
 def read_clip(path: str, image_size: int, fps: float, max_frames: int,

@@ -85,15 +85,32 @@ def relative_path_warnings(kind: str, config: str, overrides: Sequence[str]) -> 
     return warnings
 
 
+# --python auto: the interpreter Ray itself runs with on the node that starts the job. The job's
+# shell is a child of Ray's job supervisor, a Python process with that interpreter's
+# ray/_raylet.so mapped: <prefix>/lib/pythonX.Y/site-packages/ray/_raylet.so -> <prefix>/bin/python
+# (a venv, conda env or system prefix), whatever the head's PATH says. Falls back to python3.
+CLUSTER_PYTHON = ('PY=$(sed -n "s#^.* \\(/.*\\)/lib/python[0-9.]*/site-packages/ray/_raylet.so\\$#\\1/bin/python#p" '
+                  '/proc/$PPID/maps 2>/dev/null | head -n 1); [ -x "$PY" ] || PY=$(command -v python3 || command -v python)')
+# Before the job starts: the packages it imports, named when the cluster's interpreter lacks them.
+PREFLIGHT = ("import importlib.util, sys; missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]; "
+             "sys.exit(f'the cluster interpreter {sys.executable} lacks the package(s) {missing}: install the project "
+             "there (bash tools/setup.sh) or pass --python PATH to an interpreter that has them') if missing else None")
+JOB_PACKAGES = {"shards": ("ray", "av", "webdataset", "omegaconf", "numpy", "tokenizers"),
+                "train": ("ray", "torch", "deepspeed", "megatron.core", "omegaconf", "webdataset", "tokenizers")}
+
+
 def build_entrypoint(args: argparse.Namespace, config: str) -> str:
     if args.kind == "shards":
         # ray_address=auto: join the cluster the job runs on instead of starting a local Ray.
-        cmd = [args.python, "-m", "data_pipeline.build_shards", "--config", config, "ray_address=auto"]
+        cmd = ["-m", "data_pipeline.build_shards", "--config", config, "ray_address=auto"]
     else:
-        cmd = [args.python, "-m", "stts_dist.launch.ray_launcher", "--config", config,
+        cmd = ["-m", "stts_dist.launch.ray_launcher", "--config", config,
                "--num-workers", str(args.num_workers), "--workers-per-node", str(args.workers_per_node),
                "--cpus-per-worker", str(args.cpus_per_worker), "--use-gpu", args.use_gpu]
-    return shlex.join(cmd + list(args.overrides))
+    python = '"$PY"' if args.python == "auto" else shlex.quote(args.python)
+    check = f"{python} -c {shlex.quote(PREFLIGHT)} {shlex.join(JOB_PACKAGES[args.kind])}"
+    run = f"exec {python} {shlex.join(cmd + list(args.overrides))}"
+    return f"{CLUSTER_PYTHON}; {check} && {run}" if args.python == "auto" else f"{check} && {run}"
 
 
 def runtime_env(env_pairs: Sequence[str]) -> dict[str, Any]:
@@ -155,7 +172,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="Ray dashboard address (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
     ap.add_argument("--config", default=None, help="config inside the repository (default jobs/build_shards.yaml "
                                                    "or jobs/train_7b.yaml)")
-    ap.add_argument("--python", default="python", help="interpreter on the cluster (default: python on its PATH)")
+    ap.add_argument("--python", default="auto", help="interpreter on the cluster (default: the one Ray runs with there)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the job (repeat)")
     ap.add_argument("--submission-id", default=None, help="job id (default: Ray picks one)")
     ap.add_argument("--no-wait", action="store_true", help="submit, print the job id and return")

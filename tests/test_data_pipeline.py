@@ -467,3 +467,27 @@ def test_shards_serve_every_ratio_and_a_too_short_clip_is_named_at_load_time(tmp
         check_clip_lengths(run(0.8), tmp_path)
     assert result["shard"] == "shard-000000.tar" and (tmp_path / "shard-000000.done.json").is_file()
     assert not list(tmp_path.glob("*.tmp-*"))  # no temp file left behind
+
+
+def test_a_container_that_refuses_to_seek_is_decoded_from_its_start(tmp_path):
+    """FFmpeg's swf demuxer answers a seek with EPERM (PyAV raises PermissionError): the clip is
+    read by decoding from the start instead of being skipped with a bare PermissionError."""
+    import av
+
+    path = tmp_path / "clip.swf"
+    with av.open(str(path), "w", format="swf") as c:
+        stream = c.add_stream("flv", rate=4)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    with av.open(str(path)) as c, pytest.raises(PermissionError):
+        c.seek(12, stream=c.streams.video[0])                 # what the decoder used to die on
+    clip = read_clip(str(path), 32, 0.0, 4, 4.0, None)        # starts 4 s in: the seek path
+    assert clip.frames.shape == (4, 32, 32, 3) and clip.codec == "flv"
+    assert clip.timestamps[0] >= 4.0 and clip.timestamps == sorted(clip.timestamps)

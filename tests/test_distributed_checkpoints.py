@@ -159,6 +159,26 @@ def test_consolidated_dp2_checkpoint_scores_like_the_distributed_model(dp2_run, 
     _assert_consolidated_matches(out, ranks, tmp_path / "export", RESUME_STEPS)
 
 
+def test_deepspeeds_own_zero_to_fp32_runs_as_its_users_run_it_and_equals_ours(dp2_run, tmp_path):
+    """The step folder ships DeepSpeed's zero_to_fp32.py; run without --tag it finds the checkpoint
+    (the folder's ``latest`` file) and writes exactly the weights of our consolidation (TP=1)."""
+    from safetensors.torch import load_file
+    out, _ = dp2_run
+    step = out / "checkpoints" / f"step_{RESUME_STEPS:08d}"
+    assert (step / "latest").read_text().strip() == "deepspeed"
+    done = subprocess.run([sys.executable, str(step / "zero_to_fp32.py"), str(step), str(tmp_path / "ds")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _consolidate_cli(step, tmp_path / "ours" / "model.safetensors") == 0
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    theirs = {}
+    for f in sorted((tmp_path / "ds").glob("pytorch_model*.bin")):
+        theirs.update(torch.load(f, map_location="cpu", weights_only=True))
+    assert set(theirs) == set(ours)
+    for k, v in theirs.items():
+        assert torch.equal(v.float(), ours[k]), k
+
+
 def test_consolidated_zero1_checkpoint_scores_like_the_distributed_model(tmp_path):
     ov = _overrides(tmp_path / "run", 1, **{"train.steps": 2, "parallel.zero_stage": 1})
     ranks = run_distributed(_train_body, 2, ov, timeout_s=240)

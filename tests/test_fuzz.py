@@ -167,7 +167,7 @@ def test_loader_records_are_used_or_raise_shard_format_error(record):
     index = DatasetIndex(name="d", root=Path("."), shard_names=["s.tar"], shard_bytes=np.array([0]),
                          shard_of_sample=np.array([0]), keys=["k"], ids=["k"], tasks=[""], frames=np.array([2]),
                          patches_per_frame=np.array([16]), groups_per_frame=np.array([4]),
-                         llm_visual_tokens=np.array([4]), text_tokens=np.array([3]), is_video=np.array([True]),
+                         text_tokens=np.array([3]), is_video=np.array([True]),
                          config={})
     decoded = {"__key__": "k", "__url__": "s.tar", "json": record, "frames": np.zeros((2, 4, 4, 3), np.uint8)}
     try:

@@ -243,7 +243,10 @@ def ray_head():
     ports = {name: free_port() for name in ("gcs", "dashboard", "client", "object_manager", "node_manager",
                                             "agent_http", "agent_grpc", "runtime_env", "metrics",
                                             "dashboard_metrics", "autoscaler_metrics")}
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",   # `python` of the jobs = this venv
+    # A plain head: started by the venv's `ray`, the venv NOT on its PATH (whose `python`, if any,
+    # lacks the project): jobs/submit.py must find the interpreter Ray runs with by itself.
+    path = ":".join(p for p in os.environ["PATH"].split(":") if Path(p).resolve() != VENV_BIN.resolve())
+    env = {**os.environ, "PATH": path,
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",                    # bind every server to 127.0.0.1
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "DASHBOARD_METRIC_PORT": str(ports["dashboard_metrics"]),
@@ -313,6 +316,16 @@ def test_ray_training_job_trains_checkpoints_and_tracks(ray_head, tmp_path):
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "2 rank(s) on 1 node(s)" in done.stdout and "all 2 ranks finished" in done.stdout
     assert_trained(out)
+
+
+def test_a_cluster_interpreter_without_the_project_is_named_with_the_fix(ray_head, tmp_path):
+    bare = Path(sys.base_prefix) / "bin" / "python3"       # the interpreter the venv was made from
+    done = submit(ray_head, "shards", "--python", str(bare), f"manifest={tmp_path}/m.jsonl", f"out_dir={tmp_path}/s",
+                  timeout=120)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert f"the cluster interpreter {bare}" in out or "the cluster interpreter /" in out
+    assert "lacks the package(s) ['ray'" in out and "bash tools/setup.sh" in out
 
 
 @pytest.mark.slow

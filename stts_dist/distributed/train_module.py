@@ -101,7 +101,8 @@ class DistributedTrainModule:
     def save_into(self, folder: Path, trainer_state: dict) -> None:
         """DeepSpeed writes model + optimizer shards per (TP, DP) rank; each rank adds its own
         trainer state (RNG differs per rank)."""
-        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+        # save_latest: DeepSpeed's own zero_to_fp32.py (shipped in the folder) finds the tag by itself
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=True)
         ckpt.save_torch(trainer_state, folder / f"trainer_rank{self.rank:05d}.pt")
 
     def load_from(self, folder: Path) -> dict:
