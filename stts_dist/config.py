@@ -158,6 +158,10 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     log_every: int = 10
+    # console verbosity: quiet (progress bar, evaluations, checkpoints, the end) | info (+ a step
+    # line every log_every steps) | debug (+ every step). Every step's metrics always go to
+    # <out_dir>/train_log.jsonl.
+    log_level: str = "info"
     eval_every: int = 0           # 0: evaluate at the end only
     save_every: int = 0           # 0: save at the end only
     out_dir: str = "runs/default"
@@ -196,6 +200,9 @@ class TrackingConfig:
     run_name: str = ""                           # "" -> cfg.name
     log_every: int = 10                          # log step metrics every N steps (and the last)
     visualize_every: int = 0                     # log a kept-token picture every N steps (0 = off)
+    # MLflow's own system metrics (system/cpu_utilization_percentage, memory, GPU where present),
+    # sampled every N seconds by mlflow.system_metrics; 0 = off
+    system_metrics_every_s: float = 10.0
 
 
 @dataclass
@@ -437,6 +444,7 @@ def validate(cfg: Any) -> None:
     _check(t.batch_size >= 1, "train.batch_size must be >= 1")
     _check(t.steps >= 0, "train.steps must be >= 0")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' must be auto, cpu or cuda")
+    _check(t.log_level in ("quiet", "info", "debug"), f"train.log_level='{t.log_level}' must be quiet, info or debug")
     _check(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype='{t.dtype}' must be auto, fp32 or bf16")
     for r in t.eval_prune_ratios:
         _check(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r < 1.0,

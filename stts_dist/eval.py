@@ -41,6 +41,7 @@ import torch
 
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import normalize_answer
+from stts_dist.plots import plot_accuracy_vs_tokens
 from stts_dist.heldout import EvalError, describe_unknown_words, make_source, unknown_word_report
 from stts_dist.infer import InferenceInputError, pick_device, timed_generate, vit_patches_per_sample
 from stts_dist.object_coverage import CoverageCounts, sample_coverage
@@ -246,6 +247,16 @@ def reduce_tallies(tallies: list[Tally], tasks: list[str], world: int) -> list[T
 
 
 # ---------------------------------------------------------------------------------------------
+def _on_every_rank(flag: bool, world: int) -> bool:
+    """True when ``flag`` holds on every data-parallel rank (one tiny all-reduce)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) == 0
+
+
 def gather_unknown_words(tokenizer, samples: Sequence[dict], world: int) -> Optional[dict]:
     """:func:`unknown_word_report` over every rank's samples (None for an open vocabulary)."""
     mine = unknown_word_report(tokenizer, samples)
@@ -318,59 +329,6 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-
-
-def plot_accuracy_vs_tokens(rows: Sequence[dict], path: Path, title: str) -> None:
-    """Accuracy vs mean LLM visual tokens per video, one line per method (each through the
-    unpruned baseline); test-time-scaling points as stars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with_objects = any("obj_recall" in r for r in rows)
-    fig, axes = plt.subplots(1, 2 if with_objects else 1, figsize=(11.5 if with_objects else 6.4, 4.4), dpi=100,
-                             squeeze=False)
-    ax = axes[0, 0]
-    base = rows[0]
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["kind"] != "baseline"))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, m in enumerate(methods):
-        pts = sorted([(r["llm_visual_tokens"], r["acc"]) for r in rows if r["method"] == m and r["kind"] == "sweep"]
-                     + [(base["llm_visual_tokens"], base["acc"])])
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", color=colors[i % len(colors)], label=m)
-        adaptive = sorted([(r["llm_visual_tokens"], r["acc"]) for r in rows if r["method"] == m and r["kind"] == "adaptive"])
-        if adaptive:
-            ax.plot([p[0] for p in adaptive], [100 * p[1] for p in adaptive], "x--", color=colors[i % len(colors)],
-                    label=f"{m}, adaptive budgets")
-        for r in rows:
-            if r["method"] == m and r["kind"] == "tts":
-                ax.plot(r["llm_visual_tokens"], 100 * r["acc"], "*", ms=13, color=colors[i % len(colors)],
-                        label=f"{m}, {r['frames']} frames (same budget)")
-    ax.plot(base["llm_visual_tokens"], 100 * base["acc"], "ks", ms=8, label="none (unpruned)")
-    accs = [100 * r["acc"] for r in rows if r["acc"] == r["acc"]]
-    if accs:  # at least a 10-point window, so equal accuracies do not fill the axis with noise
-        ax.set_ylim(max(-1.0, min(accs) - 5), min(101.0, max(accs) + 5))
-    ax.set_xlabel("LLM visual tokens kept per video")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if with_objects:   # object recall of the kept groups (frames >= 1) vs tokens kept, per method
-        ax2 = axes[0, 1]
-        for i, m in enumerate(methods):
-            pts = sorted((r["llm_visual_tokens"], r["obj_recall"]) for r in rows
-                         if r["method"] == m and r["kind"] == "sweep" and "obj_recall" in r)
-            if pts:
-                ax2.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", color=colors[i % len(colors)], label=m)
-        ax2.set_xlabel("LLM visual tokens kept per video")
-        ax2.set_ylabel("object recall, frames >= 1 (%)")
-        ax2.set_title("share of the digits' groups kept", fontsize=9)
-        ax2.grid(alpha=0.3)
-        if ax2.get_lines():
-            ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def log_to_mlflow(uri: str, experiment: str, report: dict, out_dir: Path, artifact_location: str = "mlartifacts") -> str:
@@ -486,10 +444,17 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
         cache: dict[int, list[dict]] = {}
         warmed: set[int] = set()
         tallies = []
+        evaluated = []
         for s in settings:
             if s.frames not in cache:
                 cache[s.frames] = source.samples(s.frames, rank, world)
             samples = cache[s.frames]
+            if s.frames > frames and _on_every_rank(all(len(x["frames"]) < s.frames for x in samples), world):
+                # no clip has that many frames: the setting would repeat the 1x rows
+                getattr(source, "short_clips", {}).pop(s.frames, None)
+                notes.append(f"{s.label} skipped: no clip has {s.frames} frames (test-time scaling needs longer clips)")
+                continue
+            evaluated.append(s)
             if s.frames not in warmed and samples:  # warm-up per input shape (allocator, kernels): not counted
                 warmed.add(s.frames)
                 run_setting(model, tokenizer, samples[:args.batch_size], s, args.batch_size, args.seed,
@@ -497,6 +462,7 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
             tallies.append(run_setting(model, tokenizer, samples, s, args.batch_size, args.seed + 7919 * rank,
                                        cfg.model.stts.frame_separators, args.max_new_tokens, autocast,
                                        adaptive_strength=args.adaptive if s.kind == "adaptive" else None))
+        settings = evaluated
         tasks = list(source.tasks)
         tallies = reduce_tallies(tallies, tasks, world)
         unknown = gather_unknown_words(tokenizer, next(iter(cache.values()), []), world)

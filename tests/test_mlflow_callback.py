@@ -58,13 +58,15 @@ def run_steps(cb: MLflowCallback, trainer, steps: range) -> None:
 
 
 def test_full_run_is_read_back(store, tmp_path):
-    trainer = make_trainer(store, "full", "data.path=" + "p" * 7000, "name=digits-small")
+    trainer = make_trainer(store, "full", "data.path=" + "p" * 7000, "name=digits-small",
+                           "tracking.system_metrics_every_s=0.2")
     cb = MLflowCallback()
     cb.on_train_start(trainer)
     run_id = trainer.state[RUN_ID_STATE_KEY]
     assert cb.active and cb.run_id == run_id
 
     run_steps(cb, trainer, range(1, 13))                      # log_every=5 -> 5, 10, and the last (12)
+    time.sleep(0.8)                                           # system metrics: sampled every 0.2 s
     cb.on_eval_end(trainer, 12, {"acc@0.5": 0.75, "loss": 1.25})
     cb.on_checkpoint(trainer, 12, str(tmp_path / "ckpt-12"))
     (tmp_path / "samples.txt").write_text("video 0: 3 digits\n")
@@ -93,6 +95,10 @@ def test_full_run_is_read_back(store, tmp_path):
                                              (12, pytest.approx(1.2e-2))]
     assert history(client, run_id, "eval/acc_0.5") == [(12, 0.75)]
     assert history(client, run_id, "eval/loss") == [(12, 1.25)]
+    # MLflow's own system metrics, sampled in the background while the run was live
+    cpu = history(client, run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and all(0.0 <= v <= 100.0 * os.cpu_count() for _, v in cpu)
+    assert history(client, run_id, "system/system_memory_usage_megabytes")
 
     tags = run.data.tags
     assert tags["launch_method"] == "torchrun"

@@ -119,3 +119,16 @@ def test_kept_token_picture_every_n_steps_reaches_the_callbacks(tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "run" / "kept_tokens").glob("*.png"))
     assert pngs == ["step_00000002.png", "step_00000004.png"]
     assert [os.path.basename(p) for p, _ in seen] == pngs and {d for _, d in seen} == {"kept_tokens"}
+
+
+@pytest.mark.parametrize("level, step_lines", [("quiet", []), ("info", [1, 4]), ("debug", [1, 2, 3, 4])])
+def test_console_level_while_every_step_goes_to_the_run_log(tmp_path, capsys, level, step_lines):
+    cfg = _cfg(tmp_path, **{"train.steps": 4, "train.log_every": 4, "train.log_level": level,
+                            "train.eval_prune_ratios": "[0.0,0.5]"})
+    Trainer(cfg).fit()
+    out = capsys.readouterr().out
+    assert [int(line.split("]")[0][6:]) for line in out.splitlines() if line.startswith("[step ")] == step_lines
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and all("loss" in r and "lr" in r for r in logged)
+    # the final evaluation's accuracy-vs-tokens figure, for the run folder and MLflow
+    assert (tmp_path / "run" / "eval" / "accuracy_vs_tokens_step_00000004.png").stat().st_size > 5_000

@@ -141,6 +141,7 @@ class MLflowCallback(Callback):
         self._unloggable: set[str] = set()   # metric names already warned about (non-numeric)
         self._nan_warned: set[str] = set()
         self._pending: Optional[tuple[int, dict[str, Any]]] = None  # last step metrics not yet logged
+        self._system_monitor: Any = None
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -195,6 +196,9 @@ class MLflowCallback(Callback):
             step, metrics = self._pending
             self._pending = None
             self._call("log final step metrics", self._log_metrics, step, metrics, "")
+        if self._system_monitor is not None:
+            self._call("stop system metrics", self._system_monitor.finish)
+            self._system_monitor = None
         self._call("end run", self._client.set_terminated, self.run_id, status)
         self.active = False
 
@@ -255,6 +259,8 @@ class MLflowCallback(Callback):
 
         self._client, self.run_id = client, run_id
         trainer.state[RUN_ID_STATE_KEY] = run_id
+        if tracking.system_metrics_every_s > 0:
+            self._start_system_metrics(run_id, uri, tracking.system_metrics_every_s, resumed=run is not None)
         self._set_tags(tags)
         self._log_params(params)
         if cfg is not None:
@@ -262,6 +268,19 @@ class MLflowCallback(Callback):
                 path = Path(tmp) / config_name
                 path.write_text(to_yaml(cfg))
                 client.log_artifact(run_id, str(path), "config")
+
+    def _start_system_metrics(self, run_id: str, uri: str, every_s: float, resumed: bool) -> None:
+        """MLflow's own sampler (psutil; pynvml on GPU nodes) in a background thread: CPU, memory,
+        disk, network and GPU utilisation under ``system/`` in the run."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, samples_before_logging=1,
+                                           resume_logging=resumed, tracking_uri=uri)
+            monitor.start()
+        except Exception as e:      # e.g. psutil missing: the run goes on without them
+            log.warning("MLflow system metrics off (%s: %s)", type(e).__name__, e)
+            return
+        self._system_monitor = monitor
 
     @staticmethod
     def _experiment_id(client: Any, tracking: TrackingConfig) -> str:

@@ -16,6 +16,7 @@ import torch
 from stts_dist.config import config_hash, to_yaml
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import evaluate
+from stts_dist.plots import plot_accuracy_vs_tokens, rows_from_trainer_eval
 from stts_dist.heldout import DIGITS_SOURCES, describe_unknown_words, run_heldout_source, unknown_word_report
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist.train import checkpoint as ckpt
@@ -79,10 +80,11 @@ class LocalTrainModule:
 
 
 class ConsoleLogger:
-    """Prints metrics every ``log_every`` steps (rank 0)."""
+    """Prints metrics every ``log_every`` steps (rank 0); ``level`` quiet prints no step lines,
+    debug every step."""
 
-    def __init__(self, every: int):
-        self.every = max(1, every)
+    def __init__(self, every: int, level: str = "info"):
+        self.every = {"quiet": 0, "info": max(1, every), "debug": 1}[level]
 
     def on_train_start(self, trainer) -> None:
         # ZeRO-3 leaves partitioned parameters empty locally; ds_numel is the full size (under TP,
@@ -92,7 +94,7 @@ class ConsoleLogger:
                     f"prune_ratio={trainer.cfg.model.stts.prune_ratio}, steps {trainer.step}->{trainer.cfg.train.steps}")
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
-        if step % self.every == 0 or step == 1:
+        if self.every and (step % self.every == 0 or step == 1):
             keys = ["loss", "aux_loss", "lr", "vit_tokens_before", "vit_tokens_after", "llm_visual_tokens",
                     "step_time", "samples_per_s", "tokens_per_s"]
             trainer.log(f"[step {step}] " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
@@ -176,8 +178,32 @@ def read_eval_history(out_dir) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
+class StepLog:
+    """Every step's metrics, one JSON line each, in ``<out_dir>/train_log.jsonl`` (rank 0): the
+    per-step detail the console leaves out. A resumed run appends."""
+
+    FILE = "train_log.jsonl"
+
+    def __init__(self):
+        self._file: Any = None
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.is_rank0:
+            self._file = open(trainer.out_dir / self.FILE, "a", buffering=1)
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, **{k: v for k, v in metrics.items()
+                                                          if isinstance(v, (int, float))}}) + "\n")
+
+    def on_train_end(self, trainer, status: str) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def default_callbacks(cfg) -> list:
-    cbs: list = [ConsoleLogger(cfg.train.log_every), EvalHistory()]
+    cbs: list = [ConsoleLogger(cfg.train.log_every, cfg.train.log_level), EvalHistory(), StepLog()]
     if cfg.balance.enabled:
         from stts_dist.train.balance_callback import BalanceLogger
         cbs.append(BalanceLogger(cfg.train.log_every))
@@ -199,7 +225,9 @@ class Trainer:
         self.last_batch_ids: list[str] = []
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
-        shard_dir = self._prepare_data(module is None)
+        # stage 0 (the digit-reading ViT) belongs to the digits task; a user's data starts from
+        # model.pretrained.vit_path (or from scratch)
+        shard_dir = self._prepare_data(module is None and cfg.data.source in DIGITS_SOURCES)
         self.tokenizer = build_tokenizer(cfg, shard_dir)
         self.module = module or build_train_module(cfg, self.tokenizer, self.device)
         self.model: VideoVLM = self.module.model
@@ -237,6 +265,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.history: list[dict] = []
         self._saved_step: Optional[int] = None
+        self._bar: Any = None             # the rank-0 progress bar while fit() runs
 
     def _prepare_data(self, stage0: bool) -> Optional[Path]:
         """One-off set-up before the model exists, done by rank 0 while the other ranks wait:
@@ -261,7 +290,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
         if self.is_rank0:
-            print(msg, flush=True)
+            bar = getattr(self, "_bar", None)
+            if bar is not None:          # above the progress bar, which stays on the last line
+                bar.write(msg)
+            else:
+                print(msg, flush=True)
 
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -357,7 +390,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         previous = self._install_signal_handlers()
         try:
-            bar = _progress(cfg.train.progress_bar and self.is_rank0, self.step, total)
+            bar = self._bar = _progress(cfg.train.progress_bar and self.is_rank0, self.step, total)
             for batch, source_state in batches:
                 t0 = time.perf_counter()
                 if cfg.fault.fail_at_step == self.step and cfg.fault.fail_rank in (-1, self.rank):
@@ -379,7 +412,9 @@ class Trainer:
                     self._snapshot_kept_tokens()
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['llm_visual_tokens']:.0f}")
+                    # the bar itself shows steps/s and the ETA
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['llm_visual_tokens']:.0f}",
+                                    samples_s=f"{metrics['samples_per_s'] * self.dp_size:.1f}", refresh=False)
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < total:
                     self.save()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
@@ -399,21 +434,37 @@ class Trainer:
                     raise Preempted(f"stopped by {signal.Signals(sig).name} at step {self.step}")
             if bar:
                 bar.close()
+                self._bar = None
             if total > 0 and self._saved_step != self.step:
                 self.save()
             last_eval = self.evaluate()
+            self._plot_final_eval(last_eval)
             status = "FINISHED"
             return last_eval
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
             self._restore_signal_handlers(previous)
             self._emit("on_train_end", status)
 
     def close(self) -> None:
         """Release the train module (process groups); call once the run's output is written."""
         self.module.close()
+
+    def _plot_final_eval(self, results: dict[str, float]) -> None:
+        """Accuracy vs LLM visual tokens of the final evaluation, one point per setting, written to
+        ``<out_dir>/eval/`` and handed to the callbacks (MLflow: artifact folder ``eval``)."""
+        rows = rows_from_trainer_eval(results)
+        if not self.is_rank0 or not rows or rows[0]["kind"] != "baseline":
+            return
+        path = self.out_dir / "eval" / f"accuracy_vs_tokens_step_{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot_accuracy_vs_tokens(rows, path, f"{self.cfg.name} at step {self.step}: {len(self.eval_set)} held-out clips")
+        self._emit("on_artifact", str(path), "eval")
 
     def _snapshot_kept_tokens(self) -> None:
         """Picture of what STTS keeps on a fixed held-out clip (every rank takes part: ZeRO-3
