@@ -196,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SubmitError as e:
         print(f"[submit] error: {e}", file=sys.stderr)
         return 2
-    print(f"[submit] job {job_id} submitted to {args.address}: {entrypoint}", file=sys.stderr, flush=True)
+    shown = entrypoint.rsplit("&& exec ", 1)[-1]      # the command, without the interpreter lookup and check
+    print(f"[submit] job {job_id} submitted to {args.address}: {shown}", file=sys.stderr, flush=True)
     if args.no_wait:
         print(job_id)
         return 0

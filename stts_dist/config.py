@@ -169,7 +169,7 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda
     dtype: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     resume: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True     # rank 0, on a terminal (never drawn into a log file)
     eval_prune_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5])
     # also evaluated at every ratio > 0 above, next to model.stts.method (e.g. [random]: the
     # accuracy and object recall of random selection at the same budget)

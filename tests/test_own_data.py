@@ -8,7 +8,7 @@ import pytest
 from data_pipeline.synth_shapes import write_split
 from stts_dist.config import ConfigError, load_config
 from stts_dist.tokenizer import WordTokenizer, default_tokenizer, word_pieces
-from stts_dist.train.trainer import Trainer
+from stts_dist.train.trainer import Trainer, read_eval_history
 from conftest import tiny_overrides
 
 
@@ -117,3 +117,49 @@ def test_shards_without_a_vocabulary_name_the_rebuild(tmp_path):
     with pytest.raises(VocabularyError, match="python -m data_pipeline.build_shards"):
         Trainer(_cfg(tmp_path, copy, None, **{"data.source": "shards", "train.steps": 1, "train.batch_size": 4}),
                 callbacks=[])
+
+
+@pytest.mark.slow
+def test_the_readme_walk_through_on_a_second_dataset_with_two_zero3_ranks(tmp_path):
+    """README "your own videos": generate -> torchrun 2 ranks (ZeRO-3; Ray shards the manifest)
+    -> stts-eval -> stts-infer, the README's commands with a tiny model and the test's paths."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    venv = Path(sys.executable).parent
+    # one thread per rank, as torchrun's own default (the suite's OMP_NUM_THREADS=2 would oversubscribe)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+
+    def run(*cmd, timeout=600):
+        done = subprocess.run([str(c) for c in cmd], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done
+
+    data, out = tmp_path / "shapes", tmp_path / "run"
+    run(sys.executable, "-m", "data_pipeline.synth_shapes", "--out", data, "--train", 480, "--test", 90,
+        "--image-size", 32, "--frames", 4)
+    overrides = tiny_overrides(**{
+        "data.path": data / "train.jsonl", "data.eval_path": data / "test.jsonl", "data.work_dir": tmp_path / "work",
+        "data.eval_samples": 90, "train.out_dir": out, "train.steps": 300, "train.batch_size": 16, "train.eval_every": 0,
+        "optim.lr": 2e-3, "train.eval_methods": "[]", "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlruns.db",
+        "tracking.artifact_location": tmp_path / "mlartifacts", "tracking.visualize_every": 0})
+    log = run(venv / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "stts_dist.train",
+              "--config", "jobs/own_videos.yaml", *overrides).stdout
+    assert "[train] shapes-train-stts50" in log and "with Ray" in log
+    final = read_eval_history(out)[300]                              # the run's own record, unrounded
+    assert json.loads(log.strip().splitlines()[-1])["eval/scorer@0.5/acc"] == round(final["eval/scorer@0.5/acc"], 4)
+    assert final["eval/scorer@0.5/acc"] > 0.45                     # chance: (1/4 + 1/4 + 1/3) / 3 = 0.28
+    eval_out = run(venv / "stts-eval", "--checkpoint", out, "--data", f"manifest:{data / 'test.jsonl'}",
+                   "--ratios", "0,0.5", "--methods", "scorer,random", "--out", tmp_path / "eval").stdout
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]}
+    assert abs(rows["scorer@0.5"]["acc"] - final["eval/scorer@0.5/acc"]) < 1e-9   # same clips, same model
+    assert rows["scorer@0.5"]["acc/colour"] >= 0.6 and "colour" in eval_out
+    answer = run(venv / "stts-infer", "--checkpoint", out, "--video", data / "videos" / "test_000000.mp4",
+                 "--question", "What colour is the moving shape?", "--json")
+    reply = json.loads(answer.stdout)
+    first = json.loads((data / "test.jsonl").read_text().splitlines()[0])
+    assert first["question"] == "What colour is the moving shape?"
+    assert reply["answers"][0]["answer"] in ("red", "green", "blue", "yellow")

@@ -113,7 +113,9 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
     if d.source == "shards":
         return ensure_shards(d.path, d.path)
     if d.source == "manifest":    # one folder per input (manifest bytes + frame geometry), any ratio
-        return ensure_shards(d.path, keyed_shard_dir(work, d.path, sharding_overrides(cfg)), sharding_overrides(cfg))
+        out = keyed_shard_dir(work, d.path, sharding_overrides(cfg))
+        log(f"[data] sharding {d.path} with Ray into {out} (skipped when the shards are current)")
+        return ensure_shards(d.path, out, sharding_overrides(cfg))
     # digits_mp4: the complete user path on generated data
     from data_pipeline.synth_digits import write_synthetic
     tasks = "-".join(sorted(d.tasks))

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -507,7 +508,9 @@ class _Collate:
 
 
 def _progress(enabled: bool, start: int, total: int):
-    if not enabled:
+    """The rank-0 progress bar, on a terminal only: in a log file (Slurm, Ray, a redirect) every
+    redraw would be a line of its own, and the step lines say the same."""
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=2.0)
