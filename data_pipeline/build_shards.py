@@ -31,7 +31,7 @@ from data_pipeline.records import encode_members, text_token_counter
 from data_pipeline.shard_io import atomic_write_bytes, atomic_write_json, marker_name, remove_stale_temp_files
 from data_pipeline.shard_worker import decode_entry, describe_failure, process_unit, sample_key
 from stts_dist.tokenizer import WordTokenizer
-from stts_dist.train.checkpoint import sha256_file
+from stts_dist.checkpoint import sha256_file
 
 PLAN_FILE, INDEX_FILE, ERRORS_FILE = "plan.json", "index.json", "errors.jsonl"
 # The word vocabulary of the manifest's questions and answers (stts_dist.tokenizer.WordTokenizer):

@@ -22,7 +22,7 @@ import torch
 from stts_dist.config import ConfigError, load_config
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist.tokenizer import tokenizer_from_json
-from stts_dist.train import checkpoint as ckpt
+from stts_dist import checkpoint as ckpt
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"

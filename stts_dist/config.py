@@ -112,6 +112,12 @@ class ModelConfig:
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
 
 
+# Where a run's data comes from (stts_dist.train.sources builds each): the digits task generated in
+# memory or written as mp4 + sharded, a user's JSONL manifest (sharded first), a shard folder.
+SOURCES = ("digits", "digits_mp4", "manifest", "shards")
+DIGITS_SOURCES = ("digits", "digits_mp4")
+
+
 @dataclass
 class DataConfig:
     # digits: generated in memory | digits_mp4: the same written as mp4 + manifest, sharded with
@@ -362,7 +368,7 @@ def derived_run_name(cfg: Any) -> str:
     The data part is ``digits`` for the built-in task, else the manifest's or shard folder's name
     (with its folder when the file name alone says little, like ``train.jsonl``)."""
     d, s = cfg.data, cfg.model.stts
-    if d.source in ("digits", "digits_mp4"):
+    if d.source in DIGITS_SOURCES:
         data = "digits"
     else:
         p = Path(str(d.path).rstrip("/"))
@@ -416,18 +422,17 @@ def validate(cfg: Any) -> None:
     _check(m.connector.pool_size >= 1, "model.connector.pool_size must be >= 1")
     _check(s.novelty_from in ("block", "embed"), f"model.stts.novelty_from='{s.novelty_from}' must be block or embed")
     d = cfg.data
-    from stts_dist.train.sources import SOURCES
     _check(d.source in SOURCES, f"data.source='{d.source}' must be one of {SOURCES}")
-    _check(d.source in ("digits", "digits_mp4") or bool(d.path),
+    _check(d.source in DIGITS_SOURCES or bool(d.path),
            f"data.source={d.source} needs data.path (a shard folder or a manifest .jsonl)")
     _check(d.num_frames >= 1, "data.num_frames must be >= 1")
     if d.eval_path:
-        _check(d.source not in ("digits", "digits_mp4"),
+        _check(d.source not in DIGITS_SOURCES,
                f"data.eval_path is for your own data (data.source=manifest|shards); data.source={d.source} "
                "evaluates on the digits task's own held-out split: drop data.eval_path")
         _check(Path(d.eval_path).exists(), f"data.eval_path={d.eval_path} does not exist; point it at a held-out "
                "manifest (.jsonl, like the training one) or a shard folder")
-    if d.source in ("digits", "digits_mp4"):
+    if d.source in DIGITS_SOURCES:
         from stts_dist.data.digits import DIGIT_STYLES, TASKS
         unknown = [t for t in d.tasks if t not in TASKS]
         _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "

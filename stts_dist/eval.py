@@ -33,18 +33,15 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from stts_dist.data.batch import SequenceBuilder
-from stts_dist.evaluation import normalize_answer
-from stts_dist.plots import plot_accuracy_vs_tokens
+from stts_dist.evaluation import Setting, Tally, reduce_tallies, run_setting
 from stts_dist.heldout import EvalError, describe_unknown_words, make_source, unknown_word_report
-from stts_dist.infer import InferenceInputError, pick_device, timed_generate, vit_patches_per_sample
-from stts_dist.object_coverage import CoverageCounts, sample_coverage
+from stts_dist.infer import InferenceInputError, pick_device
+from stts_dist.plots import plot_accuracy_vs_tokens
 from stts_dist.stts.budget import llm_visual_tokens, pruned_groups
 from stts_dist.stts.selection import METHODS
 
@@ -56,22 +53,6 @@ DEFAULT_METHODS = "scorer,random,uniform,temporal_diff,none"
 
 # ---------------------------------------------------------------------------------------------
 # What to evaluate
-@dataclass(frozen=True)
-class Setting:
-    method: str
-    prune_ratio: float
-    frames: int
-    kind: str                     # baseline | sweep | tts | adaptive
-
-    @property
-    def label(self) -> str:
-        if self.kind == "adaptive":
-            return f"{self.method}@{self.prune_ratio:g} adaptive"
-        if self.kind == "tts":
-            return f"{self.method}@{self.prune_ratio:.4g} tts {self.frames}f"
-        return f"{self.method}@{self.prune_ratio:g}"
-
-
 def ratio_for_budget(groups: int, frames: int, kept: int) -> float:
     """The prune ratio r for which a ``frames``-frame video keeps exactly ``kept`` LLM tokens
     (``G*F - int(G*r*F) == kept``), computed with the same float expression as the budget."""
@@ -135,83 +116,6 @@ def parse_methods(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Where the samples come from. Every source gives this rank's share of the samples as dicts
-# {"frames": (T,H,W,3) uint8, "question", "answer", "id", "task"} and the global task list.
-def task_of(sample: dict) -> str:
-    return str(sample.get("task") or "all")
-
-
-# ---------------------------------------------------------------------------------------------
-# Running one setting on this rank's samples
-@dataclass
-class Tally:
-    """Sums of one setting on one rank (summed over ranks afterwards)."""
-    correct: dict[str, int] = field(default_factory=dict)
-    total: dict[str, int] = field(default_factory=dict)
-    llm_tokens: int = 0
-    llm_tokens_unpruned: int = 0
-    vit_patches: int = 0
-    vit_patches_kept: int = 0
-    frames: int = 0
-    prefill_s: list[float] = field(default_factory=list)
-    coverage: CoverageCounts = field(default_factory=CoverageCounts)   # samples with object annotations
-
-
-def _answer_tokens(tokenizer, samples: Sequence[dict]) -> int:
-    # The longest reference answer plus one (for eos): a longer output cannot match anyway.
-    return max(len(tokenizer.encode(str(s["answer"]))) for s in samples) + 1
-
-
-@torch.no_grad()
-def run_setting(model, tokenizer, samples: Sequence[dict], setting: Setting, batch_size: int, seed: int,
-                frame_separators: Optional[bool] = None, max_new_tokens: int = 0, autocast: Any = None,
-                adaptive_strength: Optional[float] = None) -> Tally:
-    """One setting over ``samples``. ``frame_separators``: None = the model's own setting."""
-    if frame_separators is None:
-        frame_separators = model.cfg.stts.frame_separators
-    builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators,
-                              adaptive_strength)
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    tally = Tally()
-    G = model.groups_per_frame
-    image_size, patch, pool = model.cfg.vit.image_size, model.cfg.vit.patch_size, model.cfg.connector.pool_size
-    for i in range(0, len(samples), batch_size):
-        chunk = list(samples[i:i + batch_size])
-        try:
-            batch = builder(chunk, setting.prune_ratio, with_answer=False).to(device)
-        except ValueError as e:
-            raise EvalError(f"{setting.label}: samples {[s.get('id') for s in chunk][:4]}...: {e}") from None
-        new = max_new_tokens or _answer_tokens(tokenizer, chunk)
-        if autocast is not None:
-            with autocast:
-                ids, info, seconds = timed_generate(model, batch, tokenizer.eos_id, new, setting.method,
-                                                    setting.prune_ratio, gen)
-        else:
-            ids, info, seconds = timed_generate(model, batch, tokenizer.eos_id, new, setting.method,
-                                                setting.prune_ratio, gen)
-        tally.prefill_s.append(seconds)
-        patches = vit_patches_per_sample(model, info["keep"], batch.layout.lengths)
-        keep = info["keep"].cpu().numpy()
-        for s, start, T in zip(chunk, batch.layout.starts, batch.layout.lengths):
-            counts = sample_coverage(s, keep[start:start + T], image_size, patch, pool)
-            if counts is not None:
-                tally.coverage.add(counts)
-        for s, out, (before, after), n_vis, T in zip(chunk, ids, patches, info["llm_visual_tokens"],
-                                                     batch.layout.lengths):
-            task = task_of(s)
-            ok = normalize_answer(tokenizer.decode(out)) == normalize_answer(s["answer"])
-            tally.correct[task] = tally.correct.get(task, 0) + int(ok)
-            tally.total[task] = tally.total.get(task, 0) + 1
-            tally.llm_tokens += int(n_vis)
-            tally.llm_tokens_unpruned += G * T
-            tally.vit_patches += before
-            tally.vit_patches_kept += after
-            tally.frames += T
-    return tally
-
-
-# ---------------------------------------------------------------------------------------------
 # Data parallel
 def dist_context() -> tuple[int, int, bool]:
     """(rank, world size, whether this call created the process group)."""
@@ -224,26 +128,6 @@ def dist_context() -> tuple[int, int, bool]:
         dist.init_process_group("gloo")
         created = True
     return dist.get_rank(), dist.get_world_size(), created
-
-
-def reduce_tallies(tallies: list[Tally], tasks: list[str], world: int) -> list[Tally]:
-    """Sum every rank's tallies (gloo all_reduce) and gather their batch timings."""
-    if world <= 1:
-        return tallies
-    import torch.distributed as dist
-    counts = torch.tensor([[t.correct.get(k, 0) for k in tasks] + [t.total.get(k, 0) for k in tasks] +
-                           [t.llm_tokens, t.llm_tokens_unpruned, t.vit_patches, t.vit_patches_kept, t.frames]
-                           + t.coverage.as_list() for t in tallies], dtype=torch.float64)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    times: list[Any] = [None] * world
-    dist.all_gather_object(times, [t.prefill_s for t in tallies])
-    out = []
-    n = len(tasks)
-    for j, row in enumerate(counts.round().long().tolist()):
-        out.append(Tally({k: row[i] for i, k in enumerate(tasks)}, {k: row[n + i] for i, k in enumerate(tasks)},
-                         row[2 * n], row[2 * n + 1], row[2 * n + 2], row[2 * n + 3], row[2 * n + 4],
-                         [s for rank_times in times for s in rank_times[j]], CoverageCounts.from_list(row[2 * n + 5:])))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-DIGITS_SOURCES = ("digits", "digits_mp4")
+from stts_dist.config import DIGITS_SOURCES
+
 
 
 class EvalError(ValueError):

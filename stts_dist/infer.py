@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from stts_dist.data.batch import SequenceBuilder
-from stts_dist.model.connector import ungroup_mask
+from stts_dist.ops.groups import ungroup_mask
 from stts_dist.model.generate import generate
 from stts_dist.model.vlm import VideoVLM
 from stts_dist.stts.budget import llm_visual_tokens

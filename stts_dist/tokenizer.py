@@ -5,7 +5,7 @@ vocabulary on the ``tokenizers`` library (NFKC + lower-case normalizer; whitespa
 punctuation split off as its own token, so ``move?`` is ``move ?``): the built-in digits task's
 fixed vocabulary (:func:`default_tokenizer`), or one learned from a user's own questions and
 answers (:meth:`WordTokenizer.from_texts`, done once when a manifest is sharded). A pretrained
-LLM's tokenizer (``stts_dist.weights.hf_tokenizer``) implements the same interface.
+LLM's tokenizer (``stts_dist.hf_tokenizer``) implements the same interface.
 """
 from __future__ import annotations
 
@@ -112,6 +112,6 @@ def tokenizer_from_json(blob: str) -> "Tokenizer":
     """Inverse of ``tokenizer.to_json()`` for every tokenizer type this project writes."""
     kind = json.loads(blob).get("type")
     if kind == "hf":
-        from stts_dist.weights.hf_tokenizer import HFTokenizer
+        from stts_dist.hf_tokenizer import HFTokenizer
         return HFTokenizer.from_json(blob)
     return WordTokenizer.from_json(blob)

@@ -28,7 +28,7 @@ from stts_dist.config import ConfigError, load_config
 from stts_dist.distributed.consolidate import DS_FOLDER, consolidate, load_consolidated
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist.tokenizer import tokenizer_from_json
-from stts_dist.train import checkpoint as ckpt
+from stts_dist import checkpoint as ckpt
 
 
 def open_trained_model(path: str | Path, overrides: Optional[Sequence[str]] = None,

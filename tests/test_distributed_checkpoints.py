@@ -75,7 +75,7 @@ def _train_body(rank, world, overrides):
 def _text_only_rank_body(rank, world, overrides):
     """DP=2: rank 0 trains on two videos, rank 1 on the same questions without frames."""
     from stts_dist.config import load_config
-    from stts_dist.distributed.train_module import DistributedTrainModule
+    from stts_dist.train.distributed_module import DistributedTrainModule
     from stts_dist.tokenizer import default_tokenizer
     cfg = load_config(None, overrides)
     tokenizer = default_tokenizer()
@@ -227,7 +227,7 @@ def test_replicated_parameters_are_identical_on_every_tensor_parallel_rank(tp2_r
 
 def test_consolidation_refuses_a_corrupt_shard_before_reading_it(tp2_run, tmp_path):
     from stts_dist.distributed.consolidate import consolidate
-    from stts_dist.train.checkpoint import CheckpointError
+    from stts_dist.checkpoint import CheckpointError
     src = next((tp2_run[0] / "checkpoints").glob("step_*"))
     bad = tmp_path / src.name
     shutil.copytree(src, bad)

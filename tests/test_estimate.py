@@ -14,7 +14,7 @@ from stts_dist.config import load_config
 from stts_dist.estimate import (Cluster, ParallelPlan, Workload, activation_bytes, estimate, llm_layer_activation_bytes,
                                 micro_batch_tokens, model_state_bytes, parameter_counts, plan_from_config,
                                 vit_block_activation_bytes)
-from stts_dist.model.attention import VarlenPlan
+from stts_dist.ops.attention import VarlenPlan
 from stts_dist.model.llm import DecoderLayer, rope_cos_sin
 from stts_dist.model.vit import ViTBlock
 from stts_dist.model.vlm import build_model

@@ -290,7 +290,7 @@ def test_missing_and_empty_checkpoint_paths(tmp_path):
 
 def test_config_weights_mismatch_names_the_tensor(trained_run, tmp_path):
     from stts_dist.checkpoint_io import CheckpointLoadError, load_checkpoint, resolve_checkpoint_dir
-    from stts_dist.train import checkpoint as ckpt
+    from stts_dist import checkpoint as ckpt
 
     src = resolve_checkpoint_dir(trained_run)
     config = (src / "config.yaml").read_text().replace("ffn: 64", "ffn: 96")

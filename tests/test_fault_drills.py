@@ -81,7 +81,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def test_resume_with_another_parallel_layout_is_refused_with_the_fix(trained_run, tmp_path):
-    from stts_dist.train.checkpoint import CheckpointError
+    from stts_dist.checkpoint import CheckpointError
     from stts_dist.train.trainer import Trainer
 
     run = _copy(trained_run, tmp_path)

@@ -131,7 +131,7 @@ def test_generate_with_cache_equals_full_recompute(tiny_cfg):
             visual, res, _ = model.encode_visual(b.frames, b.layout, model.prune_settings())
             emb, sep = model.embed_prompt(ids)
             emb = model.merge_visual(b, emb, visual, res.keep, sep)
-            from stts_dist.model.attention import VarlenPlan
+            from stts_dist.ops.attention import VarlenPlan
             h = model.llm.forward_hidden(emb, b.positions, VarlenPlan.build([len(ids)], emb.device, True))
             nxt = int(model.llm.logits(h[-1:]).argmax(-1))
             assert nxt == outs[i][t]

@@ -122,7 +122,7 @@ def _reseal_manifest(ckpt_dir: Path) -> None:
 
 
 def test_load_torch_refuses_a_pickled_object(tmp_path):
-    from stts_dist.train.checkpoint import CheckpointError, load_torch
+    from stts_dist.checkpoint import CheckpointError, load_torch
 
     sentinel = tmp_path / "pwned"
     _malicious_torch_file(tmp_path / "state.pt", sentinel, wrap=lambda x: {"model": {}, "step": x})
@@ -139,7 +139,7 @@ def _cfg(out_dir: Path, *extra: str):
 
 
 def test_resume_refuses_a_malicious_state_file_with_a_matching_manifest(tmp_path):
-    from stts_dist.train.checkpoint import CheckpointError
+    from stts_dist.checkpoint import CheckpointError
     from stts_dist.train.trainer import Trainer
 
     Trainer(_cfg(tmp_path / "run")).fit()
@@ -165,7 +165,7 @@ def _deepspeed_resume_body(rank, world, overrides, tampered, sentinel):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from stts_dist.config import load_config
-    from stts_dist.train.checkpoint import CheckpointError
+    from stts_dist.checkpoint import CheckpointError
     from stts_dist.train.trainer import Trainer
     try:
         Trainer(load_config(None, overrides), callbacks=[]).fit()

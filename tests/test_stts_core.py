@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stts_dist.model.attention import VarlenPlan, dense_attention, varlen_attention
-from stts_dist.model.connector import group_patches, ungroup_mask
+from stts_dist.ops.attention import VarlenPlan, dense_attention, varlen_attention
+from stts_dist.ops.groups import group_patches, ungroup_mask
 from stts_dist.stts.budget import llm_visual_tokens, pruned_groups
 from stts_dist.stts.layout import FrameLayout
 from stts_dist.stts.packing import gather_packed, pack_kept_tokens, scatter_packed

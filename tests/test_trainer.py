@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from stts_dist.config import load_config
-from stts_dist.train import checkpoint as ckpt
+from stts_dist import checkpoint as ckpt
 from stts_dist.train.trainer import InjectedFault, Preempted, Trainer, read_eval_history
 from conftest import tiny_overrides
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_overrides
 from dist_utils import run_distributed
-from stts_dist.model.attention import VarlenPlan
+from stts_dist.ops.attention import VarlenPlan
 from stts_dist.model.llm import LlamaLM
 from stts_dist.model.vit import VideoViT
 from stts_dist.weights.folder import SafetensorsFolder, WeightsError, write_folder
@@ -416,7 +416,7 @@ def smollm2_dir(tmp_path_factory):
 
 @needs_smollm2
 def test_smollm2_from_gguf_knows_the_capital_of_france(smollm2_dir):
-    from stts_dist.weights.hf_tokenizer import HFTokenizer
+    from stts_dist.hf_tokenizer import HFTokenizer
     tok = HFTokenizer.from_folder(smollm2_dir)
     assert tok.vocab_size == 49152 + 4 and tok.video_id == 49152 and tok.eos_id == 2
     prompt = "The capital of France is"

@@ -33,7 +33,7 @@ from stts_dist.config import load_config  # noqa: E402
 from stts_dist.data.batch import SequenceBuilder  # noqa: E402
 from stts_dist.data.digits import make_sample  # noqa: E402
 from stts_dist.flops import model_forward_flops  # noqa: E402
-from stts_dist.model.connector import ungroup_mask  # noqa: E402
+from stts_dist.ops.groups import ungroup_mask  # noqa: E402
 from stts_dist.model.vlm import build_model  # noqa: E402
 from stts_dist.stts.packing import gather_packed, pack_kept_tokens, scatter_packed  # noqa: E402
 from stts_dist.stts.scorer import group_features, temporal_novelty_loss, key_bias_from_scores  # noqa: E402

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from stts_dist.distributed.consolidate import consolidate, save_consolidated
-    from stts_dist.train.checkpoint import CheckpointError
+    from stts_dist.checkpoint import CheckpointError
 
     t0 = time.perf_counter()
     try:

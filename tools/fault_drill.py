@@ -271,7 +271,7 @@ class Drills:
                 "rank      : 1 (local_rank: 1)" in root_cause
                 and f"Signal 9 (SIGKILL) received by PID {victim.pid}" in root_cause, _tail(out))
         # corrupt one file of the newest complete checkpoint: the restart must fall back
-        from stts_dist.train import checkpoint as ckpt
+        from stts_dist import checkpoint as ckpt
         root = job.out_dir / "checkpoints"
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         corrupt.check("two complete checkpoints before the restart", len(complete) >= 2,
@@ -313,7 +313,7 @@ class Drills:
         out = job.output()
         r.check(f"all ranks and torchrun exit within {EXIT_LIMIT_S:.0f} s", r.exit_s <= EXIT_LIMIT_S,
                 f"{r.exit_s:.1f} s")
-        from stts_dist.train import checkpoint as ckpt
+        from stts_dist import checkpoint as ckpt
         root = job.out_dir / "checkpoints"
         found = ckpt.find_resumable(root, lambda m: None)
         stop_lines = [line for line in out.splitlines()

@@ -36,7 +36,7 @@ def _config(path: str, image_size: int | None) -> str:
     values = {ov.split("=", 1)[0].rsplit(".", 1)[1]: ov.split("=", 1)[1] for ov in lines}
     if section == "llm" and (Path(path) / "tokenizer.json").is_file():
         # our special tokens are appended to the tokenizer: the table needs max(rows, tokens) rows
-        from stts_dist.weights.hf_tokenizer import HFTokenizer
+        from stts_dist.hf_tokenizer import HFTokenizer
         values["vocab_size"] = str(max(int(values["vocab_size"]), HFTokenizer.from_folder(path).vocab_size))
     if section == "vit":
         values["gelu"] = "exact" if SafetensorsFolder(path).config.get("model_type") == "dinov2" else "tanh"

@@ -44,9 +44,9 @@ from stts_dist.checkpoint_io import (CONFIG_FILE, TOKENIZER_FILE, CheckpointLoad
 from stts_dist.config import load_config
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist.tokenizer import tokenizer_from_json
-from stts_dist.train import checkpoint as ckpt
+from stts_dist import checkpoint as ckpt
 
-DS_FOLDER = "deepspeed"          # stts_dist.distributed.train_module.DS_TAG (not imported: that pulls megatron)
+DS_FOLDER = "deepspeed"          # stts_dist.train.distributed_module.DS_TAG (not imported: that pulls megatron)
 EMBEDDING = "llm.embed_tokens.weight"
 LM_HEAD = "llm.lm_head.weight"
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stts_dist.model.attention import VarlenPlan, dense_attention, varlen_attention
+from stts_dist.ops.attention import VarlenPlan, varlen_attention
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stts_dist.model.attention import VarlenPlan, dense_attention, varlen_attention
+from stts_dist.ops.attention import VarlenPlan, dense_attention, varlen_attention
 
 
 class ViTAttention(nn.Module):
@@ -70,7 +70,7 @@ class ViTBlock(nn.Module):
 
 class VideoViT(nn.Module):
     """Frames ``(F, 3, H, W)`` float in [-1, 1] -> patch tokens ``(F, N, D)`` via ``forward``;
-    the blocks are run by the caller (see ``stts_dist.stts.pruned_vit``) so pruning can happen
+    the blocks are run by the caller (see ``stts_dist.model.pruned_vit``) so pruning can happen
     between them."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,

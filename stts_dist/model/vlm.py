@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 
 from stts_dist.data.batch import VideoBatch
-from stts_dist.model.attention import VarlenPlan
+from stts_dist.ops.attention import VarlenPlan
 from stts_dist.model.connector import Connector
 from stts_dist.model.llm import LlamaLM
 from stts_dist.model.vit import VideoViT
 from stts_dist.stts.budget import groups_per_frame
 from stts_dist.stts.layout import FrameLayout
-from stts_dist.stts.pruned_vit import PruneSettings, ViTResult, run_vit_with_stts
+from stts_dist.model.pruned_vit import PruneSettings, ViTResult, run_vit_with_stts
 from stts_dist.stts.scorer import TokenScorer
 
 

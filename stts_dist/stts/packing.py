@@ -3,7 +3,7 @@
 After block ``prune_at + 1`` every frame keeps a different number of patches. The kept tokens of
 all frames go into one flat tensor, one sequence per frame, ordered by kept count (descending)
 so equal-length frames are contiguous and the CPU kernel batches them (see
-``stts_dist.model.attention``). Frames that keep nothing (``uniform`` drops whole frames) take no
+``stts_dist.ops.attention``). Frames that keep nothing (``uniform`` drops whole frames) take no
 space. ``flat_index`` maps packed rows back to the full ``(F * N)`` layout for the scatter that
 the connector needs.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stts_dist.model.attention import VarlenPlan
+from stts_dist.ops.attention import VarlenPlan
 
 
 @dataclass

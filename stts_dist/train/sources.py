@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Optional
 from stts_dist.data.digits import make_sample
 from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
 
-SOURCES = ("digits", "digits_mp4", "manifest", "shards")
 
 
 class DigitsSource:

@@ -14,18 +14,19 @@ from typing import Any, Optional
 
 import torch
 
-from stts_dist.config import config_hash, to_yaml
+from stts_dist.config import DIGITS_SOURCES, config_hash, to_yaml
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import evaluate
 from stts_dist.plots import plot_accuracy_vs_tokens, rows_from_trainer_eval
-from stts_dist.heldout import DIGITS_SOURCES, describe_unknown_words, run_heldout_source, unknown_word_report
+from stts_dist.heldout import describe_unknown_words, run_heldout_source, unknown_word_report
 from stts_dist.model.vlm import VideoVLM, build_model
-from stts_dist.train import checkpoint as ckpt
+from stts_dist import checkpoint as ckpt
 from stts_dist.train.data import DigitsDataset
 from stts_dist.train.sources import build_source, prepare_shards
 from stts_dist.train.stage0 import ensure_digits_vit
 from stts_dist.train.vocabulary import build_tokenizer
 from stts_dist.train.optim import build_optimizer, set_learning_rates
+from stts_dist.weights.finetune import load_pretrained_weights
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,15 +124,6 @@ class InjectedFault(RuntimeError):
     """A deliberate failure requested by cfg.fault (drills and tests)."""
 
 
-def load_pretrained_weights(model, cfg) -> None:
-    """Hugging Face LLM / ViT weights into a built (and, under TP, parallelized) model; the
-    connector and the scorer keep their fresh init."""
-    pre = cfg.model.pretrained
-    if pre.llm_path or pre.vit_path:
-        from stts_dist.weights.finetune import load_pretrained
-        load_pretrained(model, pre)
-
-
 def uses_distributed_engine(cfg) -> bool:
     """DeepSpeed ZeRO + megatron TP when launched on several ranks (torchrun / srun / Ray set
     WORLD_SIZE) or when ``parallel.engine=deepspeed``; single-process torch otherwise."""
@@ -147,9 +139,9 @@ def build_train_module(cfg, tokenizer, device: torch.device):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("parallel.engine=local cannot run on several ranks; use parallel.engine=auto or deepspeed")
         model = build_model(cfg.model, tokenizer)
-        load_pretrained_weights(model, cfg)
+        load_pretrained_weights(model, cfg.model.pretrained)
         return LocalTrainModule(model, cfg, device)
-    from stts_dist.distributed.train_module import DistributedTrainModule
+    from stts_dist.train.distributed_module import DistributedTrainModule
     return DistributedTrainModule(cfg, tokenizer)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stts_dist.model.connector import MeanQueryAttentionPool
+from stts_dist.ops.pooling import MeanQueryAttentionPool
 from stts_dist.model.vit import VideoViT
 
 NUM_CLASSES = 10

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_pipeline.build_shards import VOCAB_FILE
-from stts_dist.heldout import DIGITS_SOURCES
+from stts_dist.config import DIGITS_SOURCES
 from stts_dist.tokenizer import Tokenizer, WordTokenizer, default_tokenizer
 
 
@@ -27,7 +27,7 @@ def build_tokenizer(cfg, shard_dir: Optional[Path] = None) -> Tokenizer:
     pre = cfg.model.pretrained
     path = pre.tokenizer_path or pre.llm_path
     if path:
-        from stts_dist.weights.hf_tokenizer import HFTokenizer
+        from stts_dist.hf_tokenizer import HFTokenizer
         return HFTokenizer.from_folder(path)
     if cfg.data.source in DIGITS_SOURCES:
         return default_tokenizer()

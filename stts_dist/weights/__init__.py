@@ -5,7 +5,7 @@
 - :mod:`.hf_llm`: Llama / Qwen2 / SmolLM2 <-> ``LlamaLM`` (import and bit-exact export)
 - :mod:`.hf_vit`: SigLIP / SigLIP2 / DINOv2 -> ``VideoViT``
 - :mod:`.gguf_import`, :mod:`.onnx_dinov2`: the small real models shipped by pip packages -> HF folders
-- :mod:`.hf_tokenizer`: a ``tokenizers`` tokenizer behind our Tokenizer interface
+- (the pretrained tokenizer lives in :mod:`stts_dist.hf_tokenizer`, below this package)
 - :mod:`.finetune`: ``load_pretrained`` and per-component optimizer groups
 
 See docs/weights.md.

@@ -75,6 +75,13 @@ def finetune_param_groups(model: nn.Module, cfg: Any) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def load_pretrained_weights(model: nn.Module, pretrained: Any) -> None:
+    """A run's Hugging Face LLM / ViT weights (``cfg.model.pretrained``) into a built (under TP:
+    parallelized) model, if it names any; the connector and the scorer keep their fresh init."""
+    if pretrained.llm_path or pretrained.vit_path:
+        load_pretrained(model, pretrained)
+
+
 def load_pretrained(model: nn.Module, paths: Any) -> dict[str, Any]:
     """Load ``paths.llm_path`` into ``model.llm`` and ``paths.vit_path`` into ``model.vit`` (either
     may be "" to keep the random init). The connector and the scorer keep their fresh init.

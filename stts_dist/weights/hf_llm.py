@@ -8,7 +8,7 @@ columns of each matrix (sliced safetensors reads), and the vocabulary table is p
 rows to a TP multiple.
 
 Vocabulary: the model may have MORE rows than the checkpoint (our special tokens ``<video>``,
-``<frame>``... appended by :class:`stts_dist.weights.hf_tokenizer.HFTokenizer`); the new rows are
+``<frame>``... appended by :class:`stts_dist.hf_tokenizer.HFTokenizer`); the new rows are
 set to the mean of the pretrained rows (a neutral start that does not shift the output
 distribution). Fewer rows is an error. Export writes the model's rows, so a model whose
 vocabulary equals the checkpoint's round-trips bit for bit.

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from stts_dist.model.connector import ungroup_mask
+from stts_dist.ops.groups import ungroup_mask
 from stts_dist.model.vit import VideoViT
 from stts_dist.stts.layout import FrameLayout
 from stts_dist.stts.packing import gather_packed, pack_kept_tokens, scatter_packed

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 from stts_dist.model.vlm import build_model
-from stts_dist.train import checkpoint as ckpt
+from stts_dist import checkpoint as ckpt
 from stts_dist.train.optim import build_optimizer, set_learning_rates
+from stts_dist.weights.finetune import load_pretrained_weights
 
 DS_TAG = "deepspeed"
 
@@ -43,8 +44,7 @@ class DistributedTrainModule:
         torch.manual_seed(cfg.train.seed)          # identical full weights on every rank
         model = build_model(cfg.model, tokenizer)
         parallelize_vlm(model)
-        from stts_dist.train.trainer import load_pretrained_weights
-        load_pretrained_weights(model, cfg)      # each TP rank copies only its slices
+        load_pretrained_weights(model, cfg.model.pretrained)      # each TP rank copies only its slices
         model.to(self.device)
         optimizer = build_optimizer(model, cfg.optim)
         settings = DeepSpeedSettings.from_run_config(cfg, data_parallel=self.dp_size,

@@ -14,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from stts_dist.weights.folder import WeightsError
+
+
+class TokenizerFileError(ValueError):
+    """A pretrained tokenizer folder cannot be used; the message names the file and the fix."""
 
 OUR_SPECIALS = ("<video>", "<frame>", "<user>", "<assistant>")
 
@@ -41,7 +44,7 @@ class HFTokenizer:
         self.video_id, self.frame_id = ids["<video>"], ids["<frame>"]
         self.user_id, self.assistant_id = ids["<user>"], ids["<assistant>"]
         if eos is None or tokenizer.token_to_id(eos) is None:
-            raise WeightsError(f"the tokenizer's eos token {eos!r} is not in its vocabulary; set eos_token in "
+            raise TokenizerFileError(f"the tokenizer's eos token {eos!r} is not in its vocabulary; set eos_token in "
                                f"tokenizer_config.json")
         self.eos_id = tokenizer.token_to_id(eos)
         self.bos_id = tokenizer.token_to_id(bos) if bos and tokenizer.token_to_id(bos) is not None else self.eos_id
@@ -53,11 +56,11 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise WeightsError("a pretrained tokenizer needs the tokenizers package: pip install tokenizers") from e
+            raise TokenizerFileError("a pretrained tokenizer needs the tokenizers package: pip install tokenizers") from e
         folder = Path(path).expanduser()
         tj = folder / "tokenizer.json"
         if not tj.is_file():
-            raise WeightsError(f"{folder} has no tokenizer.json (a 'fast' Hugging Face tokenizer); save one with "
+            raise TokenizerFileError(f"{folder} has no tokenizer.json (a 'fast' Hugging Face tokenizer); save one with "
                                f"transformers' tokenizer.save_pretrained(folder)")
         cfg = {}
         if (folder / "tokenizer_config.json").is_file():
