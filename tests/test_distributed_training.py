@@ -1,14 +1,12 @@
-"""The real trainer under DeepSpeed ZeRO-3 x megatron TP on gloo CPU ranks, against the
-single-process model: same losses, real partitioning, exact resume, consolidation, no hangs."""
+"""The real trainer under DeepSpeed ZeRO-3 x megatron TP on gloo CPU ranks against the
+single-process model: the same losses, and parameters really partitioned over the ranks.
+(Exact resume, consolidation and the no-hang cases: tests/test_distributed_checkpoints.py.)"""
 import math
-import os
-from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import tiny_overrides
-from dist_utils import DistributedFailure, run_distributed
+from dist_utils import run_distributed
 
 pytestmark = pytest.mark.slow
 
