@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from stts_dist.config import ConfigError
 from stts_dist.flops import FlopBreakdown, model_forward_flops
-from stts_dist.stts.budget import groups_per_frame, llm_visual_tokens
+from stts_dist.stts.budget import effective_ratio, groups_per_frame, llm_visual_tokens
 
 BF16_BYTES = 2
 # bf16 weights (2) + bf16 grads (2) + fp32 master weights, Adam m and v (4 + 4 + 4).
@@ -340,7 +340,7 @@ def estimate(cfg: Any, plan: ParallelPlan, cluster: Cluster = Cluster(), workloa
     m = cfg.model
     vocab = vocab_size or resolved_vocab_size(m)
     params = parameter_counts(m, plan.tensor_parallel, vocab)
-    ratio = 0.0 if m.stts.method == "none" else float(m.stts.prune_ratio)
+    ratio = effective_ratio(m.stts.method, m.stts.prune_ratio)
     T = int(cfg.data.num_frames)
     tokens = {pruned: micro_batch_tokens(m, T, plan.micro_batch, ratio if pruned else 0.0, workload)
               for pruned in (True, False)}

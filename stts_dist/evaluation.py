@@ -13,6 +13,7 @@ from stts_dist.heldout import EvalError
 from stts_dist.infer import timed_generate, vit_patches_per_sample
 from stts_dist.model.vlm import VideoVLM
 from stts_dist.object_coverage import CoverageCounts, sample_coverage
+from stts_dist.stts.budget import effective_ratio
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def evaluate(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, p
         samples = list(samples)[rank::world]
     was_training = model.training
     model.eval()
-    ratio = 0.0 if method == "none" else prune_ratio
+    ratio = effective_ratio(method, prune_ratio)
     frames = max((int(s["frames"].shape[0]) for s in samples if s.get("frames") is not None), default=0)
     try:
         tally = run_setting(model, tokenizer, samples, Setting(method, ratio, frames, "sweep"), batch_size, seed,

@@ -28,7 +28,7 @@ from stts_dist.data.batch import SequenceBuilder
 from stts_dist.ops.groups import ungroup_mask
 from stts_dist.model.generate import generate
 from stts_dist.model.vlm import VideoVLM
-from stts_dist.stts.budget import llm_visual_tokens
+from stts_dist.stts.budget import effective_ratio, llm_visual_tokens
 from stts_dist.stts.selection import METHODS
 
 
@@ -139,7 +139,7 @@ def answer_videos(model: VideoVLM, tokenizer, samples: Sequence[dict], method: s
         frame_separators = model.cfg.stts.frame_separators
     model.eval()
     device = next(model.parameters()).device
-    ratio = 0.0 if method == "none" else prune_ratio
+    ratio = effective_ratio(method, prune_ratio)
     builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators)
     for s in samples:
         T = int(s["frames"].shape[0])

@@ -21,6 +21,11 @@ def groups_per_frame(image_size: int, patch_size: int, pool_size: int) -> int:
     return gh * gw
 
 
+def effective_ratio(method: str, prune_ratio: float) -> float:
+    """The ratio a method really prunes: ``none`` keeps every token whatever the configured ratio."""
+    return 0.0 if method == "none" else float(prune_ratio)
+
+
 def pruned_groups(groups: int, frames: int, prune_ratio: float, is_video: bool = True) -> int:
     """``int(G * r * T)`` groups pruned per video; images / non-video samples are never pruned."""
     if not is_video or frames <= 1 or prune_ratio <= 0.0:

@@ -64,7 +64,7 @@ class TokenGeometry:
     def from_config(cls, cfg: Any) -> "TokenGeometry":
         m = cfg.model
         n = m.vit.image_size // m.vit.patch_size
-        ratio = 0.0 if m.stts.method == "none" else float(m.stts.prune_ratio)
+        ratio = budget.effective_ratio(m.stts.method, m.stts.prune_ratio)
         return cls(n * n, budget.groups_per_frame(m.vit.image_size, m.vit.patch_size, m.connector.pool_size),
                    ratio, bool(m.stts.frame_separators))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from stts_dist.data.digits import make_sample
+from stts_dist.stts.budget import effective_ratio
 from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
 
 
@@ -54,7 +55,7 @@ def check_clip_lengths(cfg, shard_dir: Path) -> None:
     first frame is always kept whole) is checked here, at load time, naming the fix."""
     from data_pipeline.dataset_index import load_index
     s = cfg.model.stts
-    ratio = 0.0 if s.method == "none" else s.prune_ratio
+    ratio = effective_ratio(s.method, s.prune_ratio)
     index = load_index(shard_dir)
     g = index.groups_per_frame
     too_short = index.is_video & (index.frames > 1) & ((g * ratio * index.frames).astype(int) > g * (index.frames - 1))

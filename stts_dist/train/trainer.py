@@ -18,6 +18,7 @@ from stts_dist.config import DIGITS_SOURCES, config_hash, to_yaml
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.evaluation import evaluate
 from stts_dist.plots import plot_accuracy_vs_tokens, rows_from_trainer_eval
+from stts_dist.stts.budget import effective_ratio
 from stts_dist.heldout import describe_unknown_words, run_heldout_source, unknown_word_report
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist import checkpoint as ckpt
@@ -373,7 +374,7 @@ class Trainer:
         self.maybe_resume()
         self._emit("on_train_start")
         total = cfg.train.steps
-        ratio = 0.0 if cfg.model.stts.method == "none" else cfg.model.stts.prune_ratio
+        ratio = effective_ratio(cfg.model.stts.method, cfg.model.stts.prune_ratio)
         # This data-parallel rank's share of each global batch (TP peers share a dp_rank, so they
         # receive identical samples), built ahead in loader workers, with the source state after
         # each step so checkpoints record the exact position.
