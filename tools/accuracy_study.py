@@ -214,9 +214,22 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=300, help="held-out evaluation interval (the learning curve)")
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--skip-train", action="store_true", help="only evaluate and summarise existing runs")
+    p.add_argument("--curves", action="store_true",
+                   help="only print each trained model's learning curve and convergence (JSON), e.g. mid-study")
     args = p.parse_args(argv)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.curves:
+        curves = {name: convergence(out, name, args.steps) for name in TRAIN_ORDER if (out / name).is_dir()}
+        for name, c in curves.items():
+            n = args.eval_samples
+            final = c.get("final")
+            se = f" +- {standard_error(final, n):.1f}" if final is not None else ""
+            print(f"{name:16s} {c['setting']:11s} " + "  ".join(f"{k}: {v:.1f}" for k, v in c["curve"].items())
+                  + (f"  | final {final:.1f}{se}, change {c['last_change_points']:+.1f} -> "
+                     f"{'converged' if c['converged'] else 'NOT converged'}" if final is not None else "  | running"))
+        print(json.dumps(curves))
+        return 0
     py = sys.executable
     os.environ.setdefault("MALLOC_MMAP_MAX_", "0")   # see ../shared/docs/perf-notes.md
     t0 = time.perf_counter()
