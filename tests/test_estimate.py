@@ -169,6 +169,7 @@ def test_the_7b_config_matches_the_target_architecture_and_fits_on_4_nodes():
     assert est.fits and est.total_bytes(pruned=True) < 80e9
 
 
+@pytest.mark.slow
 def test_cli_reports_and_fails_when_over_budget():
     run = [sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--config", str(CONFIG_7B)]
     ok = subprocess.run(run + ["--nodes", "4"], capture_output=True, text=True, timeout=60)

@@ -166,6 +166,7 @@ def _dist_eval_body(rank: int, world: int, run: str, out: str) -> dict:
                  "--batch-size", "2", "--tts-factor", "0")
 
 
+@pytest.mark.slow
 def test_data_parallel_eval_equals_single_process(trained_run, tmp_path, monkeypatch):
     two = run_distributed(_dist_eval_body, 2, str(trained_run), str(tmp_path / "dp"))
     _rig_generation(monkeypatch, {"direction"})

@@ -233,6 +233,7 @@ def _load(path, overrides):
         return None
 
 
+@pytest.mark.slow
 @FUZZ
 @given(flat=st.dictionaries(config_keys, config_values, max_size=6))
 @example(flat={"name": "${nope}"})
@@ -251,6 +252,7 @@ def test_random_yaml_configs_load_or_raise_config_error(flat, tmp_path):
         _read_every_value(cfg)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(text=st.text(alphabet=string.printable, max_size=120))
 @example(text="!!python/object/apply:os.system ['touch /tmp/stts-fuzz-pwned']")
@@ -268,6 +270,7 @@ def test_random_yaml_text_loads_or_raises_config_error(text, tmp_path):
 @given(overrides=st.lists(
     st.tuples(config_keys, yaml_scalars.map(str) | st.text(alphabet=string.printable, max_size=10))
     .map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(alphabet=string.printable, max_size=20), max_size=4))
+@pytest.mark.slow
 @example(overrides=["model.vit.patch_size=0"])
 @example(overrides=["model.vit.heads=0"])
 @example(overrides=["model.llm.kv_heads=0"])

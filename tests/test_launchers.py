@@ -287,6 +287,7 @@ def submit(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_submit_without_the_token_explains_how_to_authenticate(ray_head):
     env = {k: v for k, v in ray_head.items() if not k.startswith("RAY_AUTH")}
     done = submit(env, "train", "--config", "jobs/tiny_dist.yaml", timeout=60)
@@ -318,6 +319,7 @@ def test_ray_training_job_trains_checkpoints_and_tracks(ray_head, tmp_path):
     assert_trained(out)
 
 
+@pytest.mark.slow
 def test_a_cluster_interpreter_without_the_project_is_named_with_the_fix(ray_head, tmp_path):
     bare = Path(sys.base_prefix) / "bin" / "python3"       # the interpreter the venv was made from
     done = submit(ray_head, "shards", "--python", str(bare), f"manifest={tmp_path}/m.jsonl", f"out_dir={tmp_path}/s",

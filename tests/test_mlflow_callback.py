@@ -207,6 +207,7 @@ def test_unreachable_server_warns_once_and_never_raises(tmp_path, monkeypatch, c
     assert not cb.active and RUN_ID_STATE_KEY not in trainer.state
 
 
+@pytest.mark.slow
 def test_http_server_works_and_a_server_dying_mid_run_disables_tracking(store, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

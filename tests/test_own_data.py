@@ -77,6 +77,7 @@ def test_a_manifest_run_learns_its_words_and_is_evaluated_on_its_held_out_clips(
     assert rep["unknown_words"]["answers_with_unknown"] == 1 and rep["unknown_words"]["top"] == ["purple"]
 
 
+@pytest.mark.slow
 def test_a_manifest_run_without_held_out_data_says_so(tmp_path, capsys):
     train, _ = _shapes(tmp_path, train=32, test=1)
     trainer = Trainer(_cfg(tmp_path, train, None, **{"train.steps": 2, "train.batch_size": 4}), callbacks=[])
@@ -84,6 +85,7 @@ def test_a_manifest_run_without_held_out_data_says_so(tmp_path, capsys):
     assert "no accuracy evaluation; set data.eval_path" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_one_shard_folder_per_input_serves_every_method_and_ratio(tmp_path):
     train, test = _shapes(tmp_path, train=32, test=8)
     folders = set()
@@ -105,6 +107,7 @@ def test_eval_path_errors_name_the_fix(tmp_path):
         load_config(None, [f"data.eval_path={tmp_path}"])
 
 
+@pytest.mark.slow
 def test_shards_without_a_vocabulary_name_the_rebuild(tmp_path):
     train, _ = _shapes(tmp_path, train=16, test=1)
     cfg = _cfg(tmp_path, train, None, **{"train.steps": 1, "train.batch_size": 4})

@@ -93,6 +93,7 @@ def test_eval_history_is_the_learning_curve_and_survives_resume(tmp_path):
     assert set(history[2]) == set(final)
 
 
+@pytest.mark.slow
 def test_full_user_path_mp4_ray_shards_loader(tmp_path):
     """digits mp4 -> Ray sharding -> WebDataset loader -> training, and exact resume through it."""
     extra = {"data.source": "digits_mp4", "data.work_dir": str(tmp_path / "data"), "data.train_samples": 16,

@@ -414,6 +414,7 @@ def smollm2_dir(tmp_path_factory):
     return gguf_to_hf_folder(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2"))
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_from_gguf_knows_the_capital_of_france(smollm2_dir):
     from stts_dist.hf_tokenizer import HFTokenizer
@@ -464,6 +465,7 @@ def test_dinov2_from_onnx_matches_onnxruntime(tmp_path):
     assert np.abs(out - ref).max() <= 2e-4 and np.abs(ref).max() > 1.0
 
 
+@pytest.mark.slow
 def test_gguf_rope_row_order_is_undone():
     from stts_dist.weights.gguf_import import unpermute_rope_rows
     heads, head_dim = 3, 8
