@@ -23,6 +23,7 @@ from stts_dist.heldout import describe_unknown_words, run_heldout_source, unknow
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist import checkpoint as ckpt
 from stts_dist.train.data import DigitsDataset
+from stts_dist.train.loop_callbacks import InjectedFault, loop_callbacks  # noqa: F401  (InjectedFault: callers catch it here)
 from stts_dist.train.sources import build_source, prepare_shards
 from stts_dist.train.stage0 import ensure_digits_vit
 from stts_dist.train.vocabulary import build_tokenizer
@@ -119,10 +120,6 @@ class ConsoleLogger:
 class Preempted(Exception):
     """SIGTERM/SIGUSR1 arrived; a checkpoint was written. Exit code 143 tells launchers to requeue."""
     exit_code = 143
-
-
-class InjectedFault(RuntimeError):
-    """A deliberate failure requested by cfg.fault (drills and tests)."""
 
 
 def uses_distributed_engine(cfg) -> bool:
@@ -251,7 +248,9 @@ class Trainer:
                               if self.eval_set and d.source not in DIGITS_SOURCES else None)
         if self.unknown_words and self.unknown_words["unknown"]:
             self.log(f"[eval] {describe_unknown_words(self.unknown_words)}")
-        self.callbacks = callbacks if callbacks is not None else default_callbacks(cfg)
+        user = callbacks if callbacks is not None else default_callbacks(cfg)
+        before, after = loop_callbacks(cfg)
+        self.callbacks = before + list(user) + after
         self._stop_signal: Optional[int] = None
         self.step = 0
         self.state: dict = {}
@@ -381,14 +380,12 @@ class Trainer:
         batches = self.source.batches(max(0, total - self.step), _Collate(self.builder, ratio))
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + self.step)
         status = "FAILED"
-        last_eval: dict[str, float] = {}
         previous = self._install_signal_handlers()
         try:
             bar = self._bar = _progress(cfg.train.progress_bar and self.is_rank0, self.step, total)
             for batch, source_state in batches:
                 t0 = time.perf_counter()
-                if cfg.fault.fail_at_step == self.step and cfg.fault.fail_rank in (-1, self.rank):
-                    raise InjectedFault(f"injected fault at step {self.step} on rank {self.rank} (cfg.fault)")
+                self._emit("on_step_begin", self.step)
                 batch = batch.to(self.device)
                 self.last_batch_ids = list(batch.ids)
                 metrics = self.module.train_step(batch, self.step, gen)
@@ -400,19 +397,13 @@ class Trainer:
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}; lower optim.lr or check the data")
                 self.step += 1
                 self.history.append({"step": self.step, **metrics})
-                self._emit("on_step_end", self.step, metrics)
-                every = cfg.tracking.visualize_every
-                if every and self.step % every == 0:
-                    self._snapshot_kept_tokens()
                 if bar:
                     bar.update(1)
                     # the bar itself shows steps/s and the ETA
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['llm_visual_tokens']:.0f}",
                                     samples_s=f"{metrics['samples_per_s'] * self.dp_size:.1f}", refresh=False)
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < total:
-                    self.save()
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < total:
-                    last_eval = self.evaluate()
+                # logging, then the loop's own snapshots / checkpoints / evaluations (loop_callbacks.py)
+                self._emit("on_step_end", self.step, metrics)
                 stop = self._stop_signal is not None
                 any_rank = getattr(self.module, "any_rank", None)
                 if any_rank is not None:
@@ -460,7 +451,7 @@ class Trainer:
         plot_accuracy_vs_tokens(rows, path, f"{self.cfg.name} at step {self.step}: {len(self.eval_set)} held-out clips")
         self._emit("on_artifact", str(path), "eval")
 
-    def _snapshot_kept_tokens(self) -> None:
+    def snapshot_kept_tokens(self) -> None:
         """Picture of what STTS keeps on a fixed held-out clip (every rank takes part: ZeRO-3
         gathers parameters collectively; rank 0 writes it and hands it to the callbacks, e.g.
         MLflow as an artifact under kept_tokens/)."""
