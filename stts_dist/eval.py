@@ -40,7 +40,8 @@ import torch
 
 from stts_dist.evaluation import Setting, Tally, reduce_tallies, run_setting
 from stts_dist.heldout import EvalError, describe_unknown_words, make_source, unknown_word_report
-from stts_dist.infer import InferenceInputError, pick_device
+from stts_dist.device import DeviceError, resolve_device
+from stts_dist.infer import InferenceInputError
 from stts_dist.plots import plot_accuracy_vs_tokens
 from stts_dist.stts.budget import llm_visual_tokens, pruned_groups
 from stts_dist.stts.selection import METHODS
@@ -301,7 +302,7 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
         raise EvalError(f"--adaptive {args.adaptive} must be >= 0 (0 = off, 1 = the training default strength)")
     rank, world, created = dist_context()
     try:
-        device = pick_device(args.device)
+        device = resolve_device(args.device, "--device")
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         cfg, tokenizer, model, step_dir = open_trained_model(args.checkpoint, device=device, verify=not args.no_verify)
@@ -395,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         run_eval(argv)
-    except (EvalError, InferenceInputError, CheckpointLoadError, DataPipelineError) as e:
+    except (EvalError, InferenceInputError, DeviceError, CheckpointLoadError, DataPipelineError) as e:
         raise SystemExit(f"stts-eval: error: {e}") from None
     return 0
 

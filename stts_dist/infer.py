@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from stts_dist.data.batch import SequenceBuilder
+from stts_dist.device import DeviceError, resolve_device
 from stts_dist.ops.groups import ungroup_mask
 from stts_dist.model.generate import generate
 from stts_dist.model.vlm import VideoVLM
@@ -50,14 +51,6 @@ def load_video_frames(path: str | Path, num_frames: int, image_size: int) -> np.
     except VideoReadError as e:
         raise InferenceInputError(f"cannot read video {path}: {e}") from None
     return clip.frames
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InferenceInputError("--device cuda but no GPU is visible; use --device auto or cpu")
-    return torch.device(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -226,7 +219,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Answer]:
     pairs = _pair_inputs(args.video, args.question)
     if args.prune_ratio is not None and not 0.0 <= args.prune_ratio < 1.0:
         raise InferenceInputError(f"--prune-ratio {args.prune_ratio} must be in [0, 1) (the fraction pruned)")
-    device = pick_device(args.device)
+    device = resolve_device(args.device, "--device")
     cfg, tokenizer, model, _ = open_trained_model(args.checkpoint, device=device, verify=not args.no_verify)
     T = args.frames or cfg.data.num_frames
     method = args.method or cfg.model.stts.method
@@ -259,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         run(argv)
-    except (InferenceInputError, CheckpointLoadError) as e:
+    except (InferenceInputError, DeviceError, CheckpointLoadError) as e:
         raise SystemExit(f"stts-infer: error: {e}") from None
     return 0
 

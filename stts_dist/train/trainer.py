@@ -16,6 +16,7 @@ import torch
 
 from stts_dist.config import DIGITS_SOURCES, config_hash, to_yaml
 from stts_dist.data.batch import SequenceBuilder
+from stts_dist.device import resolve_device
 from stts_dist.evaluation import evaluate
 from stts_dist.plots import plot_accuracy_vs_tokens, rows_from_trainer_eval
 from stts_dist.stts.budget import effective_ratio
@@ -29,14 +30,6 @@ from stts_dist.train.stage0 import ensure_digits_vit
 from stts_dist.train.vocabulary import build_tokenizer
 from stts_dist.train.optim import build_optimizer, set_learning_rates
 from stts_dist.weights.finetune import load_pretrained_weights
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no GPU is visible; use train.device=auto or cpu")
-    return torch.device(name)
 
 
 class LocalTrainModule:
