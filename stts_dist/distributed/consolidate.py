@@ -42,6 +42,7 @@ import torch
 from stts_dist.checkpoint_io import (CONFIG_FILE, TOKENIZER_FILE, CheckpointLoadError, check_weights_match,
                                      resolve_checkpoint_dir)
 from stts_dist.config import load_config
+from stts_dist.distributed.deepspeed_engine import load_deepspeed_file
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist.tokenizer import tokenizer_from_json
 from stts_dist import checkpoint as ckpt
@@ -101,21 +102,15 @@ def _load_model_states(path: Path) -> dict:
 
 
 def _load_optim_states(path: Path) -> dict:
-    """weights_only=True plus the DeepSpeed classes these files pickle: an enum, the loss scaler's
-    settings and (ZeRO-1/2) ``fragment_address``, a (numel, start) dataclass. Data only, no code."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
+    """A ZeRO optimizer partition, read with :func:`load_deepspeed_file` (weights only)."""
     if not path.is_file():
         raise ConsolidationError(f"{path} is missing: the checkpoint lacks this rank's ZeRO optimizer partition")
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_deepspeed_file(path, map_location="cpu", mmap=True)
     except Exception as e:
         raise ConsolidationError(f"cannot read {path} with weights_only=True ({e}). A DeepSpeed version other than "
                                  f"0.19.8 may pickle further classes; add them to the allow-list in "
-                                 f"{__name__}._load_optim_states after checking they hold only data") from e
+                                 f"stts_dist.distributed.deepspeed_engine.load_deepspeed_file after checking they hold only data") from e
     return state["optimizer_state_dict"]
 
 

@@ -86,6 +86,18 @@ class DeepSpeedSettings:
         }
 
 
+def load_deepspeed_file(path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a DeepSpeed checkpoint file, allowing only the small
+    data classes its ZeRO files pickle (DeepSpeed 0.19.8: the stage enum, the loss scalers'
+    settings and ZeRO-1/2's ``fragment_address``, a (numel, start) dataclass): no code runs.
+    Raises what ``torch.load`` raises; callers name the file and the fix."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
 def skip_cpu_shm_comm_build() -> bool:
     """Stop DeepSpeed's CPU backend from JIT-compiling its shared-memory collective op.
 

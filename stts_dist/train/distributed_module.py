@@ -124,13 +124,9 @@ class DistributedTrainModule:
 
 
 def _load_deepspeed_file_weights_only(path: str, map_location=None):
-    """``torch.load(weights_only=True)`` allowing only the small DeepSpeed data classes that its
-    ZeRO optimizer files pickle (stage enum, loss scalers, fragment addresses: no code)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    """DeepSpeed's checkpoint reads, through :func:`load_deepspeed_file` (weights only)."""
+    from stts_dist.distributed.deepspeed_engine import load_deepspeed_file
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return load_deepspeed_file(path, map_location=map_location)
     except Exception as e:
         raise ckpt.CheckpointError(f"cannot load {path} safely (weights_only=True): {e}") from e
