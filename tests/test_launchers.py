@@ -185,6 +185,15 @@ def test_sigusr1_reaches_every_rank_and_the_job_requeues_and_resumes(local_slurm
             time.sleep(0.5)
             state = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True,
                                    timeout=30).stdout
+        # Release it only once the node has finished cleaning up the first run (epilog, step
+        # teardown): a batch job started on a node still COMPLETING fails at launch, before the
+        # script runs (seen on a loaded CI box: FAILED with no output of the restart).
+        node = ""
+        while "idle" not in node:
+            assert time.monotonic() < deadline + 60, f"node not idle after the requeue: {node}"
+            time.sleep(0.5)
+            node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True,
+                                  timeout=30).stdout.strip().lower()
         # Slurm holds a requeued job for ~2 min (BeginTime); release it now
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
         while "JobState=COMPLETED" not in state:
