@@ -8,7 +8,7 @@ Checkpoint and evaluation at the last step are the loop's (it always saves and e
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 
 class InjectedFault(RuntimeError):
@@ -26,37 +26,16 @@ class FaultInjection:
             raise InjectedFault(f"injected fault at step {step} on rank {trainer.rank} (cfg.fault)")
 
 
-class KeptTokenSnapshots:
-    """``tracking.visualize_every``: a picture of what STTS keeps on a held-out clip."""
+class EveryNSteps:
+    """Calls ``trainer.<action>()`` after every ``every``-th step (0 = never), at steps below
+    ``until`` when given (the loop itself saves and evaluates at the last step)."""
 
-    def __init__(self, every: int):
-        self.every = every
-
-    def on_step_end(self, trainer: Any, step: int, metrics: dict) -> None:
-        if self.every and step % self.every == 0:
-            trainer.snapshot_kept_tokens()
-
-
-class PeriodicCheckpoint:
-    """``train.save_every``: a checkpoint every N steps before the last."""
-
-    def __init__(self, every: int, total: int):
-        self.every, self.total = every, total
+    def __init__(self, every: int, action: str, until: Optional[int] = None):
+        self.every, self.action, self.until = every, action, until
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict) -> None:
-        if self.every and step % self.every == 0 and step < self.total:
-            trainer.save()
-
-
-class PeriodicEvaluation:
-    """``train.eval_every``: the held-out evaluation every N steps before the last."""
-
-    def __init__(self, every: int, total: int):
-        self.every, self.total = every, total
-
-    def on_step_end(self, trainer: Any, step: int, metrics: dict) -> None:
-        if self.every and step % self.every == 0 and step < self.total:
-            trainer.evaluate()
+        if self.every and step % self.every == 0 and (self.until is None or step < self.until):
+            getattr(trainer, self.action)()
 
 
 def loop_callbacks(cfg: Any) -> tuple[list, list]:
@@ -64,5 +43,6 @@ def loop_callbacks(cfg: Any) -> tuple[list, list]:
     after them (snapshots, checkpoints, evaluations)."""
     t = cfg.train
     return ([FaultInjection(cfg.fault.fail_at_step, cfg.fault.fail_rank)],
-            [KeptTokenSnapshots(cfg.tracking.visualize_every), PeriodicCheckpoint(t.save_every, t.steps),
-             PeriodicEvaluation(t.eval_every, t.steps)])
+            [EveryNSteps(cfg.tracking.visualize_every, "snapshot_kept_tokens"),   # tracking.visualize_every
+             EveryNSteps(t.save_every, "save", until=t.steps),                    # train.save_every
+             EveryNSteps(t.eval_every, "evaluate", until=t.steps)])               # train.eval_every

@@ -207,6 +207,7 @@ class Trainer:
         self.launch_method = launch_method or os.environ.get(
             "STTS_LAUNCHER", "torchrun" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "local")
         self.last_batch_ids: list[str] = []
+        self._bar: Any = None             # the rank-0 progress bar while fit() runs
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         # stage 0 (the digit-reading ViT) belongs to the digits task; a user's data starts from
@@ -251,7 +252,6 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.history: list[dict] = []
         self._saved_step: Optional[int] = None
-        self._bar: Any = None             # the rank-0 progress bar while fit() runs
 
     def _prepare_data(self, stage0: bool) -> Optional[Path]:
         """One-off set-up before the model exists, done by rank 0 while the other ranks wait:
@@ -276,9 +276,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
         if self.is_rank0:
-            bar = getattr(self, "_bar", None)
-            if bar is not None:          # above the progress bar, which stays on the last line
-                bar.write(msg)
+            if self._bar is not None:    # above the progress bar, which stays on the last line
+                self._bar.write(msg)
             else:
                 print(msg, flush=True)
 
