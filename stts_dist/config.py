@@ -89,6 +89,9 @@ class STTSConfig:
     adaptive_strength: float = 1.0
 
 
+STAGE0_OBJECTIVES = ("frame", "dense")   # stts_dist/train/vit_pretrain.py
+
+
 @dataclass
 class PretrainedConfig:
     """Hugging Face folders to start from ("" = random init); the scorer is always new."""
@@ -101,6 +104,10 @@ class PretrainedConfig:
     digits_vit_steps: int = 0
     digits_vit_batch_size: int = 32
     digits_vit_lr: float = 5e-4
+    # "frame": name the digit of one-digit frames; "dense": name the digit under every patch of
+    # frames of 1..digits_vit_max_digits digits (one label per token; docs/stts.md, row 9)
+    digits_vit_objective: str = "frame"
+    digits_vit_max_digits: int = 1
 
 
 @dataclass
@@ -438,6 +445,13 @@ def validate(cfg: Any) -> None:
         _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "
                f"the moving-digits tasks are {list(TASKS)}")
         _check(d.digit_style in DIGIT_STYLES, f"data.digit_style='{d.digit_style}' must be one of {DIGIT_STYLES}")
+        pre = m.pretrained
+        _check(pre.digits_vit_objective in STAGE0_OBJECTIVES,
+               f"model.pretrained.digits_vit_objective='{pre.digits_vit_objective}' must be one of {STAGE0_OBJECTIVES}")
+        _check(1 <= pre.digits_vit_max_digits <= 3 and (pre.digits_vit_objective == "dense"
+                                                         or pre.digits_vit_max_digits == 1),
+               f"model.pretrained.digits_vit_max_digits={pre.digits_vit_max_digits}: 1 for the 'frame' objective "
+               "(one digit named per frame), 1-3 for 'dense'")
     _check(d.min_frames <= d.num_frames, f"data.min_frames={d.min_frames} must be <= data.num_frames={d.num_frames}")
     # Every video must be able to keep its whole first frame: int(G*r*T) <= G*(T-1).
     if s.method != "none" and s.prune_ratio > 0 and d.num_frames > 1:

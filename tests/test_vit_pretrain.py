@@ -66,23 +66,67 @@ def test_pretrain_rejects_bad_options(tmp_path):
         main(["--config", "jobs/default.yaml", "--out", str(tmp_path / "x"), "model.vit.widht=3"])
 
 
-def test_evaluate_counts_correct_digits():
-    from stts_dist.train.vit_pretrain import digit_frames, evaluate
-    frames, target = digit_frames(40, 1, 32, split="eval")
+def test_evaluate_counts_correct_digits_and_ink_patches():
+    from stts_dist.train.vit_pretrain import BACKGROUND, digit_frames, evaluate
+    frames, target, patch_labels = digit_frames(40, 1, 64, split="eval", patch_size=8)   # every digit inks a patch
     truth = torch.from_numpy(target)
+    patch_truth = 10 * torch.nn.functional.one_hot(torch.from_numpy(patch_labels), 11).float()
 
-    class Oracle(torch.nn.Module):   # answers right for the first 30 frames, class 0 for the rest
+    class Oracle(torch.nn.Module):   # right for the first 30 frames, class 0 for the rest (frame and patches)
         def forward(self, x):
             n = x.shape[0]
-            out = truth[self.start:self.start + n].clone()
-            out[max(0, 30 - self.start):] = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), 10)[max(0, 30 - self.start):].float()
+            out, patches = truth[self.start:self.start + n].clone(), patch_truth[self.start:self.start + n].clone()
+            wrong = slice(max(0, 30 - self.start), None)
+            out[wrong] = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), 10)[wrong].float()
+            patches[wrong] = 10 * torch.nn.functional.one_hot(torch.zeros_like(patches[wrong, :, 0]).long(), 11).float()
             self.start += n
-            return out
+            return out, patches
 
-    oracle = Oracle()
-    oracle.start = 0
-    wrong_zero = sum(1 for t in target[30:] if t.argmax() != 0)
-    assert evaluate(oracle, frames, target, batch=16)["top1_acc"] == (40 - wrong_zero) / 40
+    for objective in ("frame", "dense"):
+        oracle = Oracle()
+        oracle.start = 0
+        wrong_zero = sum(1 for t in target[30:] if t.argmax() != 0)
+        got = evaluate(oracle, frames, target, patch_labels, objective, batch=16)
+        assert got["top1_acc"] == (40 - wrong_zero) / 40
+        inked = patch_labels != BACKGROUND
+        right = inked[:30].sum() + (patch_labels[30:][inked[30:]] == 0).sum()
+        assert got["ink_patch_acc"] == pytest.approx(right / inked.sum())
+
+
+def test_patch_labels_name_the_digit_under_each_patch():
+    from stts_dist.train.vit_pretrain import BACKGROUND, MIN_INK_SHARE, digit_frames
+    frames, target, labels = digit_frames(30, 2, 64, max_digits=3, style="printed", patch_size=8)
+    again = digit_frames(30, 2, 64, max_digits=3, style="printed")
+    assert np.array_equal(frames, again[0]) and np.array_equal(target, again[1])   # labels draw nothing extra
+    assert labels.shape == (30, 64) and labels.dtype == np.int64
+    for y, lab in zip(target, labels):
+        named = set(lab[lab != BACKGROUND].tolist())
+        assert named <= set(np.flatnonzero(y).tolist()) and named      # only digits in the frame, at least one
+        # a ~22 px digit covers a few 8 px patches, never most of the frame
+        assert 2 <= (lab != BACKGROUND).sum() <= 24
+    # one digit: its patches are where its pixels differ from the background-only frame
+    one, y1, lab1 = digit_frames(1, 5, 64, style="printed", patch_size=8)
+    digit = int(y1[0].argmax())
+    assert set(lab1[0][lab1[0] != BACKGROUND].tolist()) == {digit}
+    assert 0 < MIN_INK_SHARE < 0.5
+
+
+def test_dense_objective_trains_the_patch_head_and_is_refused_where_it_cannot_apply():
+    from stts_dist.config import ConfigError, load_config
+    from stts_dist.train.vit_pretrain import pretrain
+    cfg = load_config(None, tiny_overrides())
+    _, report = pretrain(cfg.model.vit, steps=20, batch_size=8, lr=3e-3, seed=0, eval_frames=32, log=lambda *_: None,
+                         objective="dense", max_digits=3)
+    assert report["objective"] == "dense" and report["max_digits"] == 3
+    # 20 steps: the patch head has learned "background" at least -- its loss, not the ink accuracy, falls;
+    # the accuracies are fractions of the held-out frames / ink patches
+    assert 0.0 <= report["after"]["ink_patch_acc"] <= 1.0 and 0.0 <= report["after"]["top1_acc"] <= 1.0
+    with pytest.raises(ValueError, match="max_digits must be 1"):
+        pretrain(cfg.model.vit, steps=1, batch_size=2, lr=1e-3, seed=0, objective="frame", max_digits=2)
+    with pytest.raises(ConfigError, match="digits_vit_objective='pixel' must be one of"):
+        load_config(None, tiny_overrides(**{"model.pretrained.digits_vit_objective": "pixel"}))
+    with pytest.raises(ConfigError, match="digits_vit_max_digits=2: 1 for the 'frame' objective"):
+        load_config(None, tiny_overrides(**{"model.pretrained.digits_vit_max_digits": 2}))
 
 
 def test_stage0_is_trained_once_cached_by_its_settings_and_loaded_by_the_run(tmp_path, capsys):
@@ -112,6 +156,11 @@ def test_stage0_is_trained_once_cached_by_its_settings_and_loaded_by_the_run(tmp
     # other settings -> another folder; a waiting rank gives up with a message naming the folder
     other = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path), "model.pretrained.digits_vit_steps": 4}))
     assert stage0_folder(other) != folder
+    dense = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path), "data.digit_style": "printed",
+                                                 "model.pretrained.digits_vit_steps": 3,
+                                                 "model.pretrained.digits_vit_batch_size": 4,
+                                                 "model.pretrained.digits_vit_objective": "dense"}))
+    assert stage0_folder(dense) not in (folder, stage0_folder(other))
     with pytest.raises(TimeoutError, match="did not finish"):
         ensure_digits_vit(other, is_rank0=False, timeout_s=0.5)
     # off by default; an explicit vit_path wins

@@ -29,6 +29,9 @@ def stage0_folder(cfg) -> Path:
     spec = {"vit": OmegaConf.to_container(cfg.model.vit, resolve=True),
             "steps": p.digits_vit_steps, "batch_size": p.digits_vit_batch_size, "lr": p.digits_vit_lr,
             "seed": cfg.train.seed, "style": d.digit_style}
+    if (p.digits_vit_objective, p.digits_vit_max_digits) != ("frame", 1):
+        # only outside the original objective, so folders cached before these keys keep their name
+        spec.update(objective=p.digits_vit_objective, max_digits=p.digits_vit_max_digits)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return Path(d.work_dir) / f"vit_digits_{key}"
 
@@ -51,7 +54,8 @@ def ensure_digits_vit(cfg, is_rank0: bool, log: Callable[[str], None] = print, t
                                        f"look at rank 0's log, remove {folder} and start the run again")
                 time.sleep(1.0)
     report = json.loads((folder / MARKER).read_text())
-    log(f"[stage 0] ViT pre-trained to read digits ({report['steps']} steps, held-out top-1 "
+    log(f"[stage 0] ViT pre-trained to read digits ({report.get('objective', 'frame')} objective, "
+        f"{report['steps']} steps, held-out top-1 "
         f"{report['after']['top1_acc']:.3f}): {folder}")
     p.vit_path = str(folder)
 
@@ -69,7 +73,8 @@ def _train(cfg, folder: Path, log: Callable[[str], None]) -> None:
     try:
         vit, report = pretrain(cfg.model.vit, p.digits_vit_steps, p.digits_vit_batch_size, p.digits_vit_lr,
                                cfg.train.seed, log_every=max(1, p.digits_vit_steps // 5), log=log,
-                               style=cfg.data.digit_style)
+                               style=cfg.data.digit_style, objective=p.digits_vit_objective,
+                               max_digits=p.digits_vit_max_digits)
     finally:
         torch.set_num_threads(threads)
     tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
