@@ -28,11 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
-
 from stts_dist.config import ConfigError
 from stts_dist.flops import FlopBreakdown, model_forward_flops
-from stts_dist.stts.budget import effective_ratio, groups_per_frame, llm_visual_tokens
+from stts_dist.stts.budget import TokenBudget
 
 BF16_BYTES = 2
 # bf16 weights (2) + bf16 grads (2) + fp32 master weights, Adam m and v (4 + 4 + 4).
@@ -185,12 +183,10 @@ class MicroBatchTokens:
     answer_tokens: int
 
 
-def micro_batch_tokens(model_cfg: Any, num_frames: int, videos: int, prune_ratio: float,
-                       workload: Workload) -> MicroBatchTokens:
-    v, c = model_cfg.vit, model_cfg.connector
-    n = (v.image_size // v.patch_size) ** 2
-    G = groups_per_frame(v.image_size, v.patch_size, c.pool_size)
-    kept_groups = llm_visual_tokens(G, num_frames, prune_ratio)
+def micro_batch_tokens(budget: TokenBudget, num_frames: int, videos: int, workload: Workload) -> MicroBatchTokens:
+    """Token counts of ``videos`` samples of ``num_frames`` frames each, pruned to ``budget``."""
+    n, G = budget.patches_per_frame, budget.groups_per_frame
+    kept_groups = budget.llm_visual_tokens(num_frames)
     kept_patches = round(kept_groups * n / G)     # exact when the patch grid divides by pool_size
     return MicroBatchTokens(videos, videos * num_frames, videos * num_frames * n, videos * kept_patches,
                             videos * kept_groups, videos * (kept_groups + workload.text_tokens),
@@ -305,13 +301,11 @@ def model_state_bytes(params: dict[str, ModuleParams], plan: ParallelPlan) -> di
     return out
 
 
-def _frames_kept_patches(model_cfg: Any, num_frames: int, prune_ratio: float) -> list[int]:
+def _frames_kept_patches(budget: TokenBudget, num_frames: int) -> list[int]:
     """Kept patches per frame of one video: the first frame whole, the rest spread evenly (the
     scorer's real split varies per video; FLOPs depend on it only through the attention term)."""
-    v, c = model_cfg.vit, model_cfg.connector
-    n = (v.image_size // v.patch_size) ** 2
-    G = groups_per_frame(v.image_size, v.patch_size, c.pool_size)
-    kept = llm_visual_tokens(G, num_frames, prune_ratio)
+    n, G = budget.patches_per_frame, budget.groups_per_frame
+    kept = budget.llm_visual_tokens(num_frames)
     if num_frames == 1:
         return [round(kept * n / G)]
     rest, extra = divmod(kept - G, num_frames - 1)
@@ -319,18 +313,15 @@ def _frames_kept_patches(model_cfg: Any, num_frames: int, prune_ratio: float) ->
     return [round(k * n / G) for k in groups]
 
 
-def forward_flops(model_cfg: Any, videos: int, num_frames: int, prune_ratio: float, workload: Workload) -> FlopBreakdown:
-    """Forward FLOPs of ``videos`` samples (stts_dist.flops), pruned at ``prune_ratio`` (0 = none)."""
-    v, c = model_cfg.vit, model_cfg.connector
-    G = groups_per_frame(v.image_size, v.patch_size, c.pool_size)
-    kept_groups = llm_visual_tokens(G, num_frames, prune_ratio)
-    if prune_ratio > 0:
-        cfg = model_cfg
-    else:  # the unpruned baseline runs no scorer
-        cfg = OmegaConf.merge(model_cfg, {"stts": {"method": "none"}})
-    frames = [_frames_kept_patches(model_cfg, num_frames, prune_ratio)] * videos
+def forward_flops(model_cfg: Any, budget: TokenBudget, videos: int, num_frames: int,
+                  workload: Workload) -> FlopBreakdown:
+    """Forward FLOPs of ``videos`` samples (stts_dist.flops) pruned to ``budget``."""
+    if budget.prune_ratio <= 0:    # the unpruned baseline runs no scorer
+        budget = budget.with_setting("none", 0.0)
+    kept_groups = budget.llm_visual_tokens(num_frames)
+    frames = [_frames_kept_patches(budget, num_frames)] * videos
     lengths = [kept_groups + workload.text_tokens] * videos
-    return model_forward_flops(cfg, frames, lengths, kept_groups * videos)
+    return model_forward_flops(model_cfg, budget, frames, lengths, kept_groups * videos)
 
 
 def estimate(cfg: Any, plan: ParallelPlan, cluster: Cluster = Cluster(), workload: Workload = Workload(),
@@ -340,16 +331,16 @@ def estimate(cfg: Any, plan: ParallelPlan, cluster: Cluster = Cluster(), workloa
     m = cfg.model
     vocab = vocab_size or resolved_vocab_size(m)
     params = parameter_counts(m, plan.tensor_parallel, vocab)
-    ratio = effective_ratio(m.stts.method, m.stts.prune_ratio)
+    configured = TokenBudget.from_model_config(m)
+    budgets = {True: configured, False: configured.with_setting("none", 0.0)}     # pruned? -> budget
     T = int(cfg.data.num_frames)
-    tokens = {pruned: micro_batch_tokens(m, T, plan.micro_batch, ratio if pruned else 0.0, workload)
-              for pruned in (True, False)}
+    tokens = {pruned: micro_batch_tokens(budgets[pruned], T, plan.micro_batch, workload) for pruned in (True, False)}
     est = Estimate(plan, cluster, params, model_state_bytes(params, plan), tokens,
-                   checkpointing=checkpointing, prune_ratio=ratio)
+                   checkpointing=checkpointing, prune_ratio=configured.prune_ratio)
     for pruned in (True, False):
         for ckpt in (False, True):
             est.activations[(pruned, ckpt)] = activation_bytes(m, tokens[pruned], vocab, plan.tensor_parallel, ckpt)
-        est.flops[pruned] = forward_flops(m, int(cfg.train.batch_size), T, ratio if pruned else 0.0, workload)
+        est.flops[pruned] = forward_flops(m, budgets[pruned], int(cfg.train.batch_size), T, workload)
     return est
 
 

@@ -307,7 +307,7 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         cfg, tokenizer, model, step_dir = open_trained_model(args.checkpoint, device=device, verify=not args.no_verify)
         source = make_source(args.data, cfg, args.samples, args.workers)
-        G = model.groups_per_frame
+        G = model.budget.groups_per_frame
         notes: list[str] = []
         frames = args.frames or cfg.data.num_frames
         tts = args.tts_factor
@@ -343,9 +343,9 @@ def run_eval(argv: Optional[Sequence[str]] = None) -> dict:
             if s.frames not in warmed and samples:  # warm-up per input shape (allocator, kernels): not counted
                 warmed.add(s.frames)
                 run_setting(model, tokenizer, samples[:args.batch_size], s, args.batch_size, args.seed,
-                            cfg.model.stts.frame_separators, args.max_new_tokens, autocast)
+                            args.max_new_tokens, autocast)
             tallies.append(run_setting(model, tokenizer, samples, s, args.batch_size, args.seed + 7919 * rank,
-                                       cfg.model.stts.frame_separators, args.max_new_tokens, autocast,
+                                       args.max_new_tokens, autocast,
                                        adaptive_strength=args.adaptive if s.kind == "adaptive" else None))
         settings = evaluated
         tasks = list(source.tasks)

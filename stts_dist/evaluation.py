@@ -13,7 +13,6 @@ from stts_dist.heldout import EvalError
 from stts_dist.infer import timed_generate, vit_patches_per_sample
 from stts_dist.model.vlm import VideoVLM
 from stts_dist.object_coverage import CoverageCounts, sample_coverage
-from stts_dist.stts.budget import effective_ratio
 
 
 @dataclass(frozen=True)
@@ -62,32 +61,28 @@ def _answer_tokens(tokenizer, samples: Sequence[dict]) -> int:
 
 @torch.no_grad()
 def run_setting(model, tokenizer, samples: Sequence[dict], setting: Setting, batch_size: int, seed: int,
-                frame_separators: Optional[bool] = None, max_new_tokens: int = 0, autocast: Any = None,
-                adaptive_strength: Optional[float] = None) -> Tally:
-    """One setting over ``samples``. ``frame_separators``: None = the model's own setting."""
-    if frame_separators is None:
-        frame_separators = model.cfg.stts.frame_separators
-    builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators,
-                              adaptive_strength)
+                max_new_tokens: int = 0, autocast: Any = None, adaptive_strength: Optional[float] = None) -> Tally:
+    """One setting over ``samples``: the model's budget (geometry, prompt layout) at the setting's
+    method and ratio, with adaptive per-video budgets when ``adaptive_strength`` is given."""
+    budget = model.budget.with_setting(setting.method, setting.prune_ratio, adaptive_strength)
+    builder = SequenceBuilder(tokenizer, budget, model.cfg.vit.image_size)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     tally = Tally()
-    G = model.groups_per_frame
+    G = budget.groups_per_frame
     image_size, patch, pool = model.cfg.vit.image_size, model.cfg.vit.patch_size, model.cfg.connector.pool_size
     for i in range(0, len(samples), batch_size):
         chunk = list(samples[i:i + batch_size])
         try:
-            batch = builder(chunk, setting.prune_ratio, with_answer=False).to(device)
+            batch = builder(chunk, with_answer=False).to(device)
         except ValueError as e:
             raise EvalError(f"{setting.label}: samples {[s.get('id') for s in chunk][:4]}...: {e}") from None
         new = max_new_tokens or _answer_tokens(tokenizer, chunk)
         if autocast is not None:
             with autocast:
-                ids, info, seconds = timed_generate(model, batch, tokenizer.eos_id, new, setting.method,
-                                                    setting.prune_ratio, gen)
+                ids, info, seconds = timed_generate(model, batch, tokenizer.eos_id, new, gen)
         else:
-            ids, info, seconds = timed_generate(model, batch, tokenizer.eos_id, new, setting.method,
-                                                setting.prune_ratio, gen)
+            ids, info, seconds = timed_generate(model, batch, tokenizer.eos_id, new, gen)
         tally.prefill_s.append(seconds)
         patches = vit_patches_per_sample(model, info["keep"], batch.layout.lengths)
         keep = info["keep"].cpu().numpy()
@@ -134,8 +129,8 @@ def normalize_answer(text: str) -> str:
 
 
 def evaluate(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, prune_ratio: float,
-             batch_size: int = 16, seed: int = 0, frame_separators: Optional[bool] = None,
-             adaptive_strength: Optional[float] = None, rank: int = 0, world: int = 1) -> dict[str, float]:
+             batch_size: int = 16, seed: int = 0, adaptive_strength: Optional[float] = None, rank: int = 0,
+             world: int = 1) -> dict[str, float]:
     """Returns ``{"acc": overall, "acc/<task>": per task, "n": count, "llm_visual_tokens": mean}``
     and, where objects are annotated, the coverage figures (``object_coverage``): the training
     loop's summary of one ``stts-eval`` setting, on the model's device.
@@ -150,11 +145,10 @@ def evaluate(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, p
         samples = list(samples)[rank::world]
     was_training = model.training
     model.eval()
-    ratio = effective_ratio(method, prune_ratio)
     frames = max((int(s["frames"].shape[0]) for s in samples if s.get("frames") is not None), default=0)
     try:
-        tally = run_setting(model, tokenizer, samples, Setting(method, ratio, frames, "sweep"), batch_size, seed,
-                            frame_separators, max_new_tokens=4, adaptive_strength=adaptive_strength)
+        tally = run_setting(model, tokenizer, samples, Setting(method, prune_ratio, frames, "sweep"), batch_size, seed,
+                            max_new_tokens=4, adaptive_strength=adaptive_strength)
     finally:
         model.train(was_training)
     if world > 1:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from stts_dist.stts.budget import TokenBudget
+
 
 @dataclass
 class FlopBreakdown:
@@ -37,12 +39,14 @@ def llm_layer_flops(L: int, hidden: int, heads: int, kv_heads: int, ffn: int, ca
     return linear + attn
 
 
-def model_forward_flops(model_cfg, frames_kept_patches: Sequence[Sequence[int]], llm_lengths: Sequence[int],
-                        kept_groups: int) -> FlopBreakdown:
-    """frames_kept_patches: per video, kept patches of each frame after the prune point;
-    llm_lengths: LLM sequence lengths; kept_groups: total groups reaching the connector."""
+def model_forward_flops(model_cfg, budget: TokenBudget, frames_kept_patches: Sequence[Sequence[int]],
+                        llm_lengths: Sequence[int], kept_groups: int) -> FlopBreakdown:
+    """Forward FLOPs of the model of ``model_cfg`` pruning with ``budget.method`` (the scorer runs
+    for method ``scorer`` only). frames_kept_patches: per video, kept patches of each frame after
+    the prune point; llm_lengths: LLM sequence lengths; kept_groups: total groups reaching the
+    connector."""
     v, c, l, s = model_cfg.vit, model_cfg.connector, model_cfg.llm, model_cfg.stts
-    n = (v.image_size // v.patch_size) ** 2
+    n = budget.patches_per_frame
     num_frames = sum(len(f) for f in frames_kept_patches)
     out = FlopBreakdown()
     out.vit_before = num_frames * (2 * n * v.in_channels * v.patch_size ** 2 * v.width
@@ -50,8 +54,8 @@ def model_forward_flops(model_cfg, frames_kept_patches: Sequence[Sequence[int]],
     after_blocks = v.depth - (s.prune_at + 2)
     out.vit_after = sum(after_blocks * vit_block_flops(k, v.width, v.mlp_dim) for f in frames_kept_patches for k in f)
     g2 = c.pool_size ** 2
-    groups = -(-(v.image_size // v.patch_size) // c.pool_size) ** 2
-    if s.method == "scorer":
+    groups = budget.groups_per_frame
+    if budget.method == "scorer":
         # [down-projection on all patches] + pooling (kv proj on all patches, q/out per group) +
         # 3-layer MLP per group
         p = s.scorer_pool_dim or v.width

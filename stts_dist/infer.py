@@ -29,7 +29,6 @@ from stts_dist.device import DeviceError, resolve_device
 from stts_dist.ops.groups import ungroup_mask
 from stts_dist.model.generate import generate
 from stts_dist.model.vlm import VideoVLM
-from stts_dist.stts.budget import effective_ratio, llm_visual_tokens
 from stts_dist.stts.selection import METHODS
 
 
@@ -58,10 +57,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generate(model: VideoVLM, batch, eos_id: int, max_new_tokens: int, method: str, prune_ratio: float,
+def timed_generate(model: VideoVLM, batch, eos_id: int, max_new_tokens: int,
                    generator: Optional[torch.Generator] = None) -> tuple[list[list[int]], dict, float]:
-    """``generate`` plus the prefill time in seconds: from the call to the end of the LLM's first
-    (whole-prompt) forward, which includes the ViT, scorer, selection and connector.
+    """``generate`` (pruning to ``batch.budget``) plus the prefill time in seconds: from the call to
+    the end of the LLM's first (whole-prompt) forward, which includes the ViT, scorer, selection
+    and connector.
 
     The first call of ``model.llm.forward_cached`` is the prompt forward; it is wrapped for the
     duration of this call only."""
@@ -81,8 +81,7 @@ def timed_generate(model: VideoVLM, batch, eos_id: int, max_new_tokens: int, met
     try:
         _sync(device)
         start = time.perf_counter()
-        ids, info = generate(model, batch, eos_id, max_new_tokens=max_new_tokens, method=method,
-                             prune_ratio=prune_ratio, generator=generator)
+        ids, info = generate(model, batch, eos_id, max_new_tokens=max_new_tokens, generator=generator)
     finally:
         del llm.forward_cached  # back to the class method
     return ids, info, marks.get("prefill_end", time.perf_counter()) - start
@@ -125,33 +124,31 @@ class Answer:
 
 @torch.no_grad()
 def answer_videos(model: VideoVLM, tokenizer, samples: Sequence[dict], method: str, prune_ratio: float,
-                  max_new_tokens: int = 8, seed: int = 0, frame_separators: Optional[bool] = None) -> list[Answer]:
-    """Answer every sample ``{"frames": (T,H,W,3) uint8, "question", "video"}`` in ONE batch.
-    ``frame_separators``: None = the model's own setting (the prompt must match how it was trained)."""
-    if frame_separators is None:
-        frame_separators = model.cfg.stts.frame_separators
+                  max_new_tokens: int = 8, seed: int = 0) -> list[Answer]:
+    """Answer every sample ``{"frames": (T,H,W,3) uint8, "question", "video"}`` in ONE batch, pruned
+    by ``method`` at ``prune_ratio`` (fixed budgets; the prompt layout is the model's own)."""
     model.eval()
     device = next(model.parameters()).device
-    ratio = effective_ratio(method, prune_ratio)
-    builder = SequenceBuilder(tokenizer, model.groups_per_frame, model.cfg.vit.image_size, frame_separators)
+    budget = model.budget.with_setting(method, prune_ratio)
+    builder = SequenceBuilder(tokenizer, budget, model.cfg.vit.image_size)
     for s in samples:
         T = int(s["frames"].shape[0])
         try:
-            llm_visual_tokens(model.groups_per_frame, T, ratio, T > 1)
+            budget.llm_visual_tokens(T, T > 1)
         except ValueError as e:
             raise InferenceInputError(f"{s.get('video', 'video')}: {e}") from None
-    batch = builder([dict(s, answer="") for s in samples], ratio, with_answer=False).to(device)
+    batch = builder([dict(s, answer="") for s in samples], with_answer=False).to(device)
     gen = torch.Generator().manual_seed(seed)
-    ids, info, prefill = timed_generate(model, batch, tokenizer.eos_id, max_new_tokens, method, ratio, gen)
+    ids, info, prefill = timed_generate(model, batch, tokenizer.eos_id, max_new_tokens, gen)
     lengths = batch.layout.lengths
     patches = vit_patches_per_sample(model, info["keep"], lengths)
-    G = model.groups_per_frame
+    G = budget.groups_per_frame
     out = []
     for i, (s, toks) in enumerate(zip(samples, ids)):
         start, T = batch.layout.starts[i], lengths[i]
         out.append(Answer(
             video=str(s.get("video", "")), question=str(s["question"]), answer=tokenizer.decode(toks), frames=T,
-            method=method, prune_ratio=ratio, vit_patches=patches[i][0], vit_patches_kept=patches[i][1],
+            method=method, prune_ratio=budget.prune_ratio, vit_patches=patches[i][0], vit_patches_kept=patches[i][1],
             llm_tokens_unpruned=G * T, llm_tokens=int(info["llm_visual_tokens"][i]), prefill_s=prefill,
             batch_size=len(samples), keep=info["keep"][start:start + T].cpu(),
             scores=None if info["scores"] is None else info["scores"][start:start + T].detach().cpu()))
@@ -226,8 +223,7 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Answer]:
     ratio = cfg.model.stts.prune_ratio if args.prune_ratio is None else args.prune_ratio
     frames = [load_video_frames(v, T, cfg.model.vit.image_size) for v, _ in pairs]
     samples = [{"frames": f, "question": q, "video": v, "id": Path(v).stem} for (v, q), f in zip(pairs, frames)]
-    answers = answer_videos(model, tokenizer, samples, method, ratio, args.max_new_tokens, args.seed,
-                            cfg.model.stts.frame_separators)
+    answers = answer_videos(model, tokenizer, samples, method, ratio, args.max_new_tokens, args.seed)
     pictures = visualize_answers(model, answers, frames, args.visualize, args.gif) if args.visualize else []
     if args.json:
         print(json.dumps({"answers": [a.to_json() for a in answers], "pictures": [str(p) for p in pictures]}, indent=1))

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from stts_dist.object_coverage import count_coverage, object_group_masks
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.stts.layout import FrameLayout
 
 CELL = 128          # frame tile side, pixels
@@ -223,9 +224,10 @@ def kept_tokens_from_result(model, keep: torch.Tensor, scores: Optional[torch.Te
 
 
 @torch.no_grad()
-def kept_tokens(model, frames: np.ndarray, method: Optional[str] = None, prune_ratio: Optional[float] = None,
+def kept_tokens(model, frames: np.ndarray, budget: Optional[TokenBudget] = None,
                 generator: Optional[torch.Generator] = None) -> KeptTokens:
-    """Run the ViT (and scorer) of ``model`` on one video (T, H, W, 3) uint8 up to the selection.
+    """Run the ViT (and scorer) of ``model`` on one video (T, H, W, 3) uint8 up to the selection,
+    pruning to ``budget`` (None: the model's own, ``model.budget``).
 
     Under ZeRO-3 every rank must call this (it runs the ViT's modules); see snapshot_for_trainer."""
     was_training = model.training
@@ -233,7 +235,7 @@ def kept_tokens(model, frames: np.ndarray, method: Optional[str] = None, prune_r
     try:
         device = next(model.parameters()).device
         T = int(frames.shape[0])
-        settings = model.prune_settings(method, prune_ratio)
+        settings = model.prune_settings(budget or model.budget)
         _, res, _ = model.encode_visual(frames_to_model_input(frames, device), FrameLayout([T], [T > 1]), settings,
                                         generator)
     finally:
@@ -241,24 +243,22 @@ def kept_tokens(model, frames: np.ndarray, method: Optional[str] = None, prune_r
     return kept_tokens_from_result(model, res.keep, res.scores)
 
 
-def snapshot_for_trainer(model, sample: dict, out_dir: str | Path, step: int, method: Optional[str] = None,
-                         prune_ratio: Optional[float] = None, write: bool = True,
-                         generator: Optional[torch.Generator] = None) -> Optional[Path]:
+def snapshot_for_trainer(model, sample: dict, out_dir: str | Path, step: int, budget: Optional[TokenBudget] = None,
+                         write: bool = True, generator: Optional[torch.Generator] = None) -> Optional[Path]:
     """The training-loop hook: picture of ``sample`` (a dict with uint8 ``frames`` (T, H, W, 3))
-    at ``step``, written to ``<out_dir>/kept_tokens/step_XXXXXXXX.png``; returns its path.
+    at ``step`` pruned to ``budget`` (None: ``model.budget``), written to
+    ``<out_dir>/kept_tokens/step_XXXXXXXX.png``; returns its path.
 
     ``model`` is the plain VideoVLM (unwrap a DeepSpeed engine: ``engine.module``). With ZeRO-3
     every rank must call this at the same step (parameters are gathered collectively); pass
     ``write=False`` on all ranks but rank 0, which returns None there. Training mode and the
     global RNG are left as they were (``random`` selection uses ``generator`` or a fixed seed)."""
     gen = generator or torch.Generator().manual_seed(step)
-    kept = kept_tokens(model, np.asarray(sample["frames"]), method, prune_ratio, gen)
+    budget = budget or model.budget
+    kept = kept_tokens(model, np.asarray(sample["frames"]), budget, gen)
     if not write:
         return None
-    s = model.cfg.stts
-    m = method or s.method
-    r = s.prune_ratio if prune_ratio is None else prune_ratio
-    title = f"step {step}  method={m} prune_ratio={r:g}  sample {sample.get('id', '')}  " \
+    title = f"step {step}  method={budget.method} prune_ratio={budget.prune_ratio:g}  sample {sample.get('id', '')}  " \
             f"Q: {sample.get('question', '')}  A: {sample.get('answer', '')}"
     return render_kept_tokens(np.asarray(sample["frames"]), kept, Path(out_dir) / "kept_tokens" / f"step_{step:08d}.png",
                               title, objects=sample_object_groups(model, sample))

@@ -34,13 +34,9 @@ def _row(sample_id: str) -> int:
 
 def _collate(cfg):
     from stts_dist.data.batch import SequenceBuilder
-    from stts_dist.stts.budget import groups_per_frame
+    from stts_dist.stts.budget import TokenBudget
     from stts_dist.tokenizer import default_tokenizer
-    v = cfg.model.vit
-    builder = SequenceBuilder(default_tokenizer(), groups_per_frame(v.image_size, v.patch_size,
-                                                                    cfg.model.connector.pool_size), v.image_size,
-                              cfg.model.stts.frame_separators)
-    return lambda samples: builder(samples, cfg.model.stts.prune_ratio)
+    return SequenceBuilder(default_tokenizer(), TokenBudget.from_model_config(cfg.model), cfg.model.vit.image_size)
 
 
 class _Recorder:

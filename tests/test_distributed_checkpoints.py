@@ -41,20 +41,20 @@ def _cfg(out_dir, tp=1, **extra):
     return load_config(None, _overrides(out_dir, tp, **extra))
 
 
-def _fixed_batch(cfg, tokenizer, groups_per_frame):
-    """Two training samples at the run's prune ratio: the batch every model is scored on."""
+def _fixed_batch(cfg, tokenizer, budget):
+    """Two training samples at the run's token budget: the batch every model is scored on."""
     from stts_dist.data.batch import SequenceBuilder
     from stts_dist.train.data import DigitsDataset
     d, m = cfg.data, cfg.model
     data = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train", d.min_frames)
-    builder = SequenceBuilder(tokenizer, groups_per_frame, m.vit.image_size, m.stts.frame_separators)
-    return builder([data[0], data[1]], m.stts.prune_ratio)
+    builder = SequenceBuilder(tokenizer, budget, m.vit.image_size)
+    return builder([data[0], data[1]])
 
 
 def _fixed_batch_loss(model, cfg, tokenizer) -> float:
     """``model(batch).loss`` on the fixed batch, in eval mode (a ZeRO-3 module gathers its
     parameters in this forward, so every rank must call it)."""
-    batch = _fixed_batch(cfg, tokenizer, model.groups_per_frame)
+    batch = _fixed_batch(cfg, tokenizer, model.budget)
     model.eval()
     with torch.no_grad():
         return float(model(batch, generator=torch.Generator().manual_seed(7)).loss)
@@ -80,7 +80,7 @@ def _text_only_rank_body(rank, world, overrides):
     cfg = load_config(None, overrides)
     tokenizer = default_tokenizer()
     module = DistributedTrainModule(cfg, tokenizer)
-    batch = _mixed_batches(cfg, tokenizer, module.model.groups_per_frame)[rank]
+    batch = _mixed_batches(cfg, tokenizer, module.model.budget)[rank]
     steps = []
     for step in range(2):
         m = module.train_step(batch, step, torch.Generator().manual_seed(step))
@@ -88,17 +88,16 @@ def _text_only_rank_body(rank, world, overrides):
     return steps
 
 
-def _mixed_batches(cfg, tokenizer, groups_per_frame):
+def _mixed_batches(cfg, tokenizer, budget):
     """[two video samples, the next two samples with frames=None, all four together]."""
     from stts_dist.data.batch import SequenceBuilder
     from stts_dist.train.data import DigitsDataset
     d, m = cfg.data, cfg.model
     data = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train", d.min_frames)
-    builder = SequenceBuilder(tokenizer, groups_per_frame, m.vit.image_size, m.stts.frame_separators)
+    builder = SequenceBuilder(tokenizer, budget, m.vit.image_size)
     video = [data[0], data[1]]
     text = [dict(data[i], frames=None) for i in (2, 3)]
-    r = m.stts.prune_ratio
-    return [builder(video, r), builder(text, r), builder(video + text, r)]
+    return [builder(video), builder(text), builder(video + text)]
 
 
 # --- shared trained runs ---------------------------------------------------------------------------
@@ -279,7 +278,7 @@ def test_a_rank_with_a_text_only_batch_does_not_hang_the_zero3_step(tmp_path):
     cfg, tokenizer = _cfg(tmp_path), default_tokenizer()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tokenizer)
-    together = _mixed_batches(cfg, tokenizer, model.groups_per_frame)[2]
+    together = _mixed_batches(cfg, tokenizer, model.budget)[2]
     expected = float(model(together, generator=torch.Generator().manual_seed(0)).lm_loss)
     assert abs(ranks[0][0]["lm_loss"] - expected) <= 1e-5 * expected
 

@@ -15,6 +15,7 @@ from stts_dist.estimate import (Cluster, ParallelPlan, Workload, activation_byte
                                 micro_batch_tokens, model_state_bytes, parameter_counts, plan_from_config,
                                 vit_block_activation_bytes)
 from stts_dist.ops.attention import VarlenPlan
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.model.llm import DecoderLayer, rope_cos_sin
 from stts_dist.model.vit import ViTBlock
 from stts_dist.model.vlm import build_model
@@ -132,7 +133,7 @@ def test_lower_zero_stages_keep_more_on_every_gpu():
 
 def test_activation_memory_falls_with_tensor_parallelism_and_checkpointing():
     cfg = load_config(CONFIG_7B)
-    tokens = micro_batch_tokens(cfg.model, 64, 1, 0.5, Workload())
+    tokens = micro_batch_tokens(TokenBudget.from_model_config(cfg.model).with_setting("scorer", 0.5), 64, 1, Workload())
     act = {tp: sum(activation_bytes(cfg.model, tokens, 152064, tp, checkpointing=False).values()) for tp in (1, 2, 4)}
     assert act[1] > act[2] > act[4]
     ckpt = sum(activation_bytes(cfg.model, tokens, 152064, 4, checkpointing=True).values())

@@ -273,7 +273,7 @@ def test_infer_visualize_and_trainer_snapshot(trained_run, tmp_path):
     _, _, model = load_checkpoint(trained_run)
     model.train()
     sample = make_sample(0, 0, T, 32, ["count"], split="eval")
-    path = snapshot_for_trainer(model, sample, tmp_path, step=5, method="scorer", prune_ratio=0.5)
+    path = snapshot_for_trainer(model, sample, tmp_path, step=5, budget=model.budget.with_setting("scorer", 0.5))
     assert path == tmp_path / "kept_tokens" / "step_00000005.png" and path.is_file() and model.training
     assert snapshot_for_trainer(model, sample, tmp_path / "r1", step=5, write=False) is None
 
@@ -337,9 +337,11 @@ def test_eval_adaptive_rows_keep_the_mean_budget_and_vary_per_video(trained_run,
     assert by["scorer@0.5 adaptive"]["kind"] == "adaptive" and by["scorer@0.5 adaptive"]["n"] == 8
     from stts_dist.data.batch import SequenceBuilder
     from stts_dist.data.digits import make_sample
+    from stts_dist.stts.budget import TokenBudget
     from stts_dist.tokenizer import default_tokenizer
     samples = [make_sample(i, 0, T, 32, ["count", "last", "direction", "corner"], split="eval") for i in range(8)]
-    kept = SequenceBuilder(default_tokenizer(), G, 32, False, 1.0)(samples, 0.5, with_answer=False).visual_tokens
+    budget = TokenBudget("scorer", 0.5, G, 16, frame_separators=False, adaptive_strength=1.0)
+    kept = SequenceBuilder(default_tokenizer(), budget, 32)(samples, with_answer=False).visual_tokens
     assert sum(kept) == 8 * 8 and len(set(kept)) > 1   # per-video budgets differ, the total does not
     with pytest.raises(SystemExit, match="--adaptive -1.0 must be >= 0"):
         from stts_dist.eval import main

@@ -11,10 +11,16 @@ from stts_dist.tokenizer import default_tokenizer
 
 
 def _setup(cfg, frames=(4, 4)):
+    """-> tokenizer, model, ``builder(samples, ratio, with_answer=True, method=None)`` (batches for the
+    model's budget at ``ratio``, with ``method`` instead of the model's when given), samples."""
     torch.manual_seed(0)
     tok = default_tokenizer()
     model = build_model(cfg.model, tok)
-    builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size, cfg.model.stts.frame_separators)
+
+    def builder(samples, ratio, with_answer=True, method=None):
+        budget = model.budget.with_setting(method or model.budget.method, ratio, model.budget.adaptive_strength)
+        return SequenceBuilder(tok, budget, cfg.model.vit.image_size)(samples, with_answer)
+
     samples = [make_sample(i, 0, t, cfg.model.vit.image_size) for i, t in enumerate(frames)]
     return tok, model, builder, samples
 
@@ -38,7 +44,7 @@ def test_no_gradient_path_without_key_bias(tiny_cfg):
 def test_visual_token_count_matches_formula_and_placeholders(tiny_cfg):
     tok, model, builder, samples = _setup(tiny_cfg, frames=(4, 3, 1))
     batch = builder(samples, 0.5)
-    G = model.groups_per_frame
+    G = model.budget.groups_per_frame
     assert batch.visual_tokens == [llm_visual_tokens(G, 4, 0.5), llm_visual_tokens(G, 3, 0.5), G]
     out = model(batch)
     assert out.vit.keep.sum() == sum(batch.visual_tokens)
@@ -50,25 +56,33 @@ def test_visual_token_count_matches_formula_and_placeholders(tiny_cfg):
 
 def test_mismatched_placeholders_raise_clear_error(tiny_cfg):
     tok, model, builder, samples = _setup(tiny_cfg)
-    batch = builder(samples, 0.25)                               # reserved for another ratio
-    with pytest.raises(VisualTokenMismatch, match="prune_ratio"):
-        model(batch, prune_ratio=0.5)
     batch = builder(samples, 0.5)
     batch.input_ids[batch.input_ids == tok.video_id] = tok.unk_id   # corrupt the prompt
     with pytest.raises(VisualTokenMismatch, match="placeholders"):
         model(batch)
 
 
+def test_the_model_prunes_to_the_budget_the_batch_was_built_for(tiny_cfg):
+    """One copy of the setting: the batch's budget decides both the placeholders and the selection."""
+    tok, model, builder, samples = _setup(tiny_cfg)
+    G = model.budget.groups_per_frame
+    for ratio, method in ((0.25, None), (0.5, "random"), (0.8, "none")):
+        batch = builder(samples, ratio, method=method)
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        assert int(out.vit.keep.sum()) == sum(batch.visual_tokens) == 2 * batch.budget.llm_visual_tokens(4)
+    assert batch.visual_tokens == [4 * G, 4 * G]                      # method none: nothing pruned
+
+
 def test_frame_separators(tiny_cfg):
     """One <frame> embedding before each frame's kept tokens, inside the placeholder span."""
     tiny_cfg.model.stts.frame_separators = True
     tok, model, _, samples = _setup(tiny_cfg)
-    builder = SequenceBuilder(tok, model.groups_per_frame, 32, frame_separators=True)
-    batch = builder(samples, 0.5)
+    assert model.budget.frame_separators
+    batch = SequenceBuilder(tok, model.budget.with_setting(model.budget.method, 0.5), 32)(samples)
     model.eval()
     with torch.no_grad():
-        visual, res, _ = model.encode_visual(batch.frames, batch.layout, model.prune_settings())
-        embeds, sep = model.embed_prompt(batch.input_ids)
+        visual, res, _ = model.encode_visual(batch.frames, batch.layout, model.prune_settings(batch.budget))
+        embeds, sep = model.embed_prompt(batch)
         merged = model.merge_visual(batch, embeds, visual, res.keep, sep)
     assert torch.equal(sep, model.llm.embed_tokens(torch.tensor([tok.frame_id])))
     pos = (batch.input_ids == tok.video_id).nonzero(as_tuple=True)[0]
@@ -98,19 +112,19 @@ def test_text_only_batch_runs_the_same_modules(tiny_cfg):
 def test_overfits_a_tiny_batch_with_pruning(tiny_cfg, method):
     tok, model, builder, _ = _setup(tiny_cfg)
     samples = [make_sample(i, 0, 4, 32) for i in range(6)]
-    batch = builder(samples, 0.5)
+    batch = builder(samples, 0.5, method=method)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
         gen = torch.Generator().manual_seed(0)
-        out = model(batch, method=method, generator=gen)
+        out = model(batch, generator=gen)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     assert float(out.lm_loss) < 0.05
     gen = torch.Generator().manual_seed(0)
-    outs, info = generate(model, builder(samples, 0.5, with_answer=False), tok.eos_id, method=method, generator=gen)
+    outs, info = generate(model, builder(samples, 0.5, with_answer=False, method=method), tok.eos_id, generator=gen)
     assert [tok.decode(o) for o in outs] == [s["answer"] for s in samples]
-    assert info["llm_visual_tokens"] == [llm_visual_tokens(model.groups_per_frame, 4, 0.5)] * 6
+    assert info["llm_visual_tokens"] == [llm_visual_tokens(model.budget.groups_per_frame, 4, 0.5)] * 6
 
 
 def test_generate_with_cache_equals_full_recompute(tiny_cfg):
@@ -128,8 +142,8 @@ def test_generate_with_cache_equals_full_recompute(tiny_cfg):
             b.seq_lengths = [len(ids)]
             b.positions = torch.arange(len(ids))
             b.labels = torch.full_like(ids, -100)
-            visual, res, _ = model.encode_visual(b.frames, b.layout, model.prune_settings())
-            emb, sep = model.embed_prompt(ids)
+            visual, res, _ = model.encode_visual(b.frames, b.layout, model.prune_settings(b.budget))
+            emb, sep = model.embed_prompt(b)
             emb = model.merge_visual(b, emb, visual, res.keep, sep)
             from stts_dist.ops.attention import VarlenPlan
             h = model.llm.forward_hidden(emb, b.positions, VarlenPlan.build([len(ids)], emb.device, True))
@@ -143,13 +157,13 @@ def test_adaptive_budgets_flow_from_batch_to_selection(tiny_cfg):
     the fixed ratio's, and the placeholders match what the ViT keeps."""
     import numpy as np
     tok, model, _, _ = _setup(tiny_cfg)
-    G = model.groups_per_frame
+    G = model.budget.groups_per_frame
     rng = np.random.default_rng(0)
     still = np.repeat(rng.integers(0, 255, (1, 32, 32, 3), dtype=np.uint8), 4, axis=0)
     busy = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     samples = [{"frames": f, "question": "how many digits are shown ?", "answer": "2"} for f in (still, busy)]
-    builder = SequenceBuilder(tok, G, 32, tiny_cfg.model.stts.frame_separators, adaptive_strength=1.0)
-    batch = builder(samples, 0.5)
+    budget = model.budget.with_setting(model.budget.method, 0.5, adaptive_strength=1.0)
+    batch = SequenceBuilder(tok, budget, 32)(samples)
     fixed = [llm_visual_tokens(G, 4, 0.5)] * 2
     assert sum(batch.visual_tokens) == sum(fixed)
     assert batch.visual_tokens[0] < fixed[0] < batch.visual_tokens[1]

@@ -101,22 +101,22 @@ def test_short_training_makes_the_scorer_find_the_moving_digit(tiny_cfg):
     torch.manual_seed(0)
     tok = default_tokenizer()
     model = build_model(tiny_cfg.model, tok)
-    builder = SequenceBuilder(tok, model.groups_per_frame, 64, tiny_cfg.model.stts.frame_separators)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     ratio = 0.6
+    builders = {m: SequenceBuilder(tok, model.budget.with_setting(m, ratio), 64) for m in ("scorer", "random")}
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for step in range(60):
-        batch = builder(_moving_digit_batches(tiny_cfg, 8, 100 + step), ratio)
-        out = model(batch, method="scorer", prune_ratio=ratio)
+        batch = builders["scorer"](_moving_digit_batches(tiny_cfg, 8, 100 + step))
+        out = model(batch)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     model.eval()
     held_out = [make_sample(i, 7, 4, 64, ["shown"], split="eval", style="printed") for i in range(24)]
-    batch = builder(held_out, ratio)
     recall = {}
     with torch.no_grad():
         for method in ("scorer", "random"):
-            res = model(batch, method=method, prune_ratio=ratio, generator=torch.Generator().manual_seed(0)).vit
+            batch = builders[method](held_out)
+            res = model(batch, generator=torch.Generator().manual_seed(0)).vit
             keep = res.keep.numpy()
             total = CoverageCounts()
             for s, start, T in zip(held_out, batch.layout.starts, batch.layout.lengths):
@@ -141,15 +141,14 @@ def test_novelty_on_patch_embeddings_is_exactly_where_pixels_change(tiny_cfg):
     torch.manual_seed(0)
     tok = default_tokenizer()
     model = build_model(tiny_cfg.model, tok).eval()
-    builder = SequenceBuilder(tok, model.groups_per_frame, 64, tiny_cfg.model.stts.frame_separators)
     clips = [make_sample(i, 3, 4, 64, ["shown"], split="eval", style="printed") for i in range(8)]
     ratio = 0.7          # keeps 64 - int(16*0.7*4) - 16 = 4 groups in frames >= 1: fewer than the digit covers
-    batch = builder(clips, ratio)
+    batch = SequenceBuilder(tok, model.budget.with_setting("temporal_diff", ratio), 64)(clips)
     precision = {}
     for source in ("embed",):
         tiny_cfg.model.stts.novelty_from = source
         with torch.no_grad():
-            keep = model(batch, method="temporal_diff", prune_ratio=ratio).vit.keep.numpy()
+            keep = model(batch).vit.keep.numpy()
         total = CoverageCounts()
         for s, start, T in zip(clips, batch.layout.starts, batch.layout.lengths):
             total.add(count_coverage(keep[start:start + T], object_group_masks(s["objects"], T, 64, 8, 2)))

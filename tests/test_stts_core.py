@@ -7,12 +7,17 @@ import torch.nn.functional as F
 
 from stts_dist.ops.attention import VarlenPlan, dense_attention, varlen_attention
 from stts_dist.ops.groups import group_patches, ungroup_mask
-from stts_dist.stts.budget import llm_visual_tokens, pruned_groups
+from stts_dist.stts.budget import TokenBudget, llm_visual_tokens, pruned_groups
 from stts_dist.stts.layout import FrameLayout
 from stts_dist.stts.packing import gather_packed, pack_kept_tokens, scatter_packed
 from stts_dist.stts.scorer import (TokenScorer, key_bias_from_scores, temporal_novelty,
                                    temporal_novelty_loss)
 from stts_dist.stts.selection import select_groups
+
+
+def _budget(method: str, groups: int, ratio: float, **kw) -> TokenBudget:
+    """A budget of ``groups`` groups per frame (2x2 patches each) for ``select_groups``."""
+    return TokenBudget(method, ratio, groups_per_frame=groups, patches_per_frame=4 * groups, **kw)
 
 
 def _random_keep(F_, N, seed):
@@ -73,7 +78,7 @@ def test_budget_formula_and_first_frame_kept():
     G, r = 9, 0.5
     scores = torch.rand(layout.num_frames, G)
     scores[0] = 0.0                                                         # first frame scored lowest: still kept
-    keep = select_groups("scorer", layout, G, r, scores=scores)
+    keep = select_groups(_budget("scorer", G, r), layout, scores=scores)
     for s, T, vid in zip(layout.starts, layout.lengths, layout.is_video):
         if T == 0:
             continue
@@ -87,7 +92,7 @@ def test_budget_formula_and_first_frame_kept():
 def test_scorer_keeps_the_highest_scores():
     layout = FrameLayout([3], [True])
     scores = torch.tensor([[0.1, 0.2], [0.9, 0.3], [0.8, 0.05]])
-    keep = select_groups("scorer", layout, 2, 0.5, scores=scores)            # int(2*.5*3)=3 pruned
+    keep = select_groups(_budget("scorer", 2, 0.5), layout, scores=scores)   # int(2*.5*3)=3 pruned
     assert keep.tolist() == [[True, True], [True, False], [False, False]]
 
 
@@ -97,7 +102,8 @@ def test_every_baseline_prunes_the_same_budget(method, ratio):
     layout = FrameLayout([8, 6, 16], [True, True, True])
     G = 9
     x = torch.rand(layout.num_frames, G)
-    keep = select_groups(method, layout, G, ratio, scores=x, novelty=x, generator=torch.Generator().manual_seed(0))
+    keep = select_groups(_budget(method, G, ratio), layout, scores=x, novelty=x,
+                         generator=torch.Generator().manual_seed(0))
     for s, T in zip(layout.starts, layout.lengths):
         assert int((~keep[s:s + T]).sum()) == int(G * ratio * T)
         assert bool(keep[s].all())
@@ -105,13 +111,72 @@ def test_every_baseline_prunes_the_same_budget(method, ratio):
 
 def test_uniform_drops_whole_frames_evenly():
     layout = FrameLayout([8], [True])
-    keep = select_groups("uniform", layout, 4, 0.5, generator=None)          # 16 groups = 4 whole frames
+    keep = select_groups(_budget("uniform", 4, 0.5), layout, generator=None)  # 16 groups = 4 whole frames
     assert keep.all(1).tolist() == [True, False, True, False, True, False, True, False]
 
 
 def test_none_prunes_nothing():
     layout = FrameLayout([8], [True])
-    assert bool(select_groups("none", layout, 4, 0.5).all())
+    assert bool(select_groups(_budget("none", 4, 0.5), layout).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# TokenBudget: every count of one setting, from metadata alone
+
+def test_token_budget_counts_by_hand():
+    b = _budget("scorer", 16, 0.8)
+    assert b.pruned_groups(8) == 102 and b.llm_visual_tokens(8) == 26      # int(16*0.8*8) = int(102.4)
+    assert b.with_setting("scorer", 0.5).llm_visual_tokens(8) == 64        # 128 - 64
+    assert b.with_setting("none", 0.8).llm_visual_tokens(8) == 128         # none keeps everything
+    assert b.pruned_groups(1) == 0 and b.llm_visual_tokens(1) == 16        # a single frame is never pruned
+    assert b.pruned_groups(8, is_video=False) == 0                         # nor is an image
+    assert b.prompt_visual_span(8) == 26                                   # no separators
+    with_sep = _budget("scorer", 16, 0.8, frame_separators=True)
+    assert with_sep.prompt_visual_span(8) == 26 + 8 and with_sep.prompt_visual_span(1) == 16 + 1
+    assert with_sep.separator_tokens(torch.tensor([3, 0]).numpy()).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="first frame"):
+        _budget("scorer", 16, 0.8).llm_visual_tokens(4)                    # int(51.2) = 51 > 16*3
+
+
+def test_token_budget_method_none_prunes_nothing_whatever_the_ratio():
+    none = _budget("none", 16, 0.8)
+    assert none.prune_ratio == 0.0 and none.pruned_groups(8) == 0
+    assert _budget("random", 16, 0.5).with_setting("none", 0.5).prune_ratio == 0.0
+
+
+def test_with_setting_keeps_geometry_and_prompt_layout():
+    b = _budget("scorer", 16, 0.5, frame_separators=True, adaptive_strength=1.0)
+    s = b.with_setting("random", 0.8)
+    assert (s.method, s.prune_ratio, s.adaptive_strength) == ("random", 0.8, None)    # fixed unless given
+    assert (s.groups_per_frame, s.patches_per_frame, s.frame_separators) == (16, 64, True)
+    assert b.with_setting("scorer", 0.5, b.adaptive_strength) == b
+    with pytest.raises(AttributeError):
+        b.prune_ratio = 0.3                                                 # frozen: one copy, never edited
+
+
+def test_token_budget_from_model_config():
+    from types import SimpleNamespace as NS
+    cfg = NS(vit=NS(image_size=64, patch_size=8), connector=NS(pool_size=3),
+             stts=NS(method="temporal_diff", prune_ratio=0.5, frame_separators=True, adaptive=False,
+                     adaptive_strength=2.0))
+    b = TokenBudget.from_model_config(cfg)                                  # 8x8 patches -> 3x3 groups
+    assert b == TokenBudget("temporal_diff", 0.5, 9, 64, True, None)
+    cfg.stts.adaptive = True
+    assert TokenBudget.from_model_config(cfg).adaptive_strength == 2.0
+
+
+def test_too_short_to_prune_matches_the_scalar_rule():
+    import numpy as np
+    b = _budget("scorer", 16, 0.8)
+    frames, is_video = np.array([8, 4, 5, 1, 4]), np.array([True, True, True, True, False])
+    expected = []
+    for t, v in zip(frames.tolist(), is_video.tolist()):
+        try:
+            b.pruned_groups(t, v)
+            expected.append(False)
+        except ValueError:
+            expected.append(True)
+    assert b.too_short_to_prune(frames, is_video).tolist() == expected == [False, True, False, False, False]
 
 
 def test_pairing_never_crosses_videos():

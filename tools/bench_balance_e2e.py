@@ -237,7 +237,8 @@ def ratio_check(args) -> dict:
     from stts_dist.data.batch import SequenceBuilder
     from stts_dist.model.vlm import build_model
     from stts_dist.tokenizer import default_tokenizer
-    from stts_dist.train.balanced_source import TokenGeometry, digits_text_tokens
+    from stts_dist.stts.budget import TokenBudget
+    from stts_dist.train.balanced_source import digits_text_tokens, sample_table
     from stts_dist.train.data import DigitsDataset
     from stts_dist.train.trainer import LocalTrainModule
 
@@ -250,14 +251,14 @@ def ratio_check(args) -> dict:
         cfg = load_config(None, overrides(model, "unused", 1, args) + ["parallel.engine=local"])
         torch.manual_seed(0)
         modules[name] = LocalTrainModule(build_model(cfg.model, tok), cfg, torch.device("cpu"))
-        geometry = TokenGeometry.from_config(cfg)
-        builder = SequenceBuilder(tok, geometry.groups_per_frame, cfg.model.vit.image_size, cfg.model.stts.frame_separators)
+        budget = TokenBudget.from_model_config(cfg.model)
+        builder = SequenceBuilder(tok, budget, cfg.model.vit.image_size)
         samples = [DigitsDataset(64, args.seed, t, cfg.model.vit.image_size, cfg.data.tasks, "train")[i]
                    for i, t in enumerate(frames)]
-        batches[name] = builder(samples, geometry.prune_ratio)
+        batches[name] = builder(samples)
         texts = digits_text_tokens(DigitsDataset(len(frames), args.seed, 1, cfg.model.vit.image_size,
                                                  cfg.data.tasks, "train"), tok)
-        table = geometry.table(np.asarray(frames), texts)
+        table = sample_table(budget, np.asarray(frames), texts)
         assert table.llm_tokens.tolist() == batches[name].seq_lengths
         cost_model = CostModel.from_model_config(cfg.model)
         costs[name] = float(cost_model.costs(table).sum())

@@ -43,15 +43,13 @@ def measure_trainer(config: str, shards: Path, batch_size: int, steps: int, over
 
     from data_pipeline.loader import VideoLoader
     from stts_dist.config import load_config
-    from stts_dist.stts.budget import effective_ratio
     from stts_dist.train.trainer import Trainer, _Collate
 
     cfg = load_config(config, ["data.source=digits", "tracking.enabled=false", "train.progress_bar=false",
                                f"train.batch_size={batch_size}", "train.out_dir=/tmp/bench_loader_trainer",
                                f"train.steps={steps + 1}"] + overrides)
     trainer = Trainer(cfg, callbacks=[])
-    ratio = effective_ratio(cfg.model.stts.method, cfg.model.stts.prune_ratio)
-    collate = _Collate(trainer.builder, ratio)
+    collate = _Collate(trainer.builder)
     it = VideoLoader({"datasets": [{"path": str(shards)}], "num_workers": 0}).iter_batches(batch_size, collate, epochs=None)
     batches = [next(it) for _ in range(steps + 1)]
     gen = torch.Generator().manual_seed(0)

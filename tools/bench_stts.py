@@ -42,18 +42,16 @@ from stts_dist.tokenizer import default_tokenizer  # noqa: E402
 
 
 def flop_ratio(cfg, model, batch_none, batch_pruned, out_pruned) -> float:
-    v = cfg.model.vit
-    n = (v.image_size // v.patch_size) ** 2
+    n = model.budget.patches_per_frame
     full = [[n] * T for T in batch_none.layout.lengths]
     patch_keep = ungroup_mask(out_pruned.vit.keep, model.vit.grid, cfg.model.connector.pool_size).sum(1).tolist()
     kept, i = [], 0
     for T in batch_pruned.layout.lengths:
         kept.append(patch_keep[i:i + T])
         i += T
-    cfg_none = cfg.copy()
-    cfg_none.model.stts.method = "none"
-    f0 = model_forward_flops(cfg_none.model, full, batch_none.seq_lengths, sum(len(f) for f in full) * model.groups_per_frame)
-    f1 = model_forward_flops(cfg.model, kept, batch_pruned.seq_lengths, int(out_pruned.vit.keep.sum()))
+    f0 = model_forward_flops(cfg.model, batch_none.budget, full, batch_none.seq_lengths,
+                             sum(len(f) for f in full) * batch_none.budget.groups_per_frame)
+    f1 = model_forward_flops(cfg.model, batch_pruned.budget, kept, batch_pruned.seq_lengths, int(out_pruned.vit.keep.sum()))
     return f0.total / f1.total
 
 
@@ -78,10 +76,11 @@ class FrameCase:
 
     def __init__(self, cfg, model, tok, frames: int):
         self.frames = frames
-        builder = SequenceBuilder(tok, model.groups_per_frame, cfg.model.vit.image_size, cfg.model.stts.frame_separators)
         samples = [make_sample(i, 0, frames, cfg.model.vit.image_size) for i in range(cfg.train.batch_size)]
-        self.b_none = builder(samples, 0.0).to(DEVICE)
-        self.b_pruned = builder(samples, cfg.model.stts.prune_ratio).to(DEVICE)
+        size = cfg.model.vit.image_size
+        self.b_none = SequenceBuilder(tok, model.budget.with_setting("none", 0.0), size)(samples).to(DEVICE)
+        self.b_pruned = SequenceBuilder(tok, model.budget.with_setting("scorer", cfg.model.stts.prune_ratio),
+                                        size)(samples).to(DEVICE)
         self.times: dict[str, list[float]] = {k: [] for k in ("train_none", "train_pruned", "infer_none", "infer_pruned")}
         self.out_pruned = None
         self.peak: dict[str, float] = {}
@@ -102,41 +101,39 @@ def bench(cfg, frame_counts: list[int], repeats: int, log) -> list[dict]:
     # bf16 autocast on GPU (the production setting), fp32 on CPU
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if DEVICE.type == "cuda" else contextlib.nullcontext
 
-    def train(method, batch):
+    def train(batch):
         with amp():
-            out = model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
+            out = model(batch, generator=gen)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         return out
 
     @torch.no_grad()
-    def infer(method, batch):
+    def infer(batch):
         with amp():
-            return model(batch, method=method, prune_ratio=batch.prune_ratio, generator=gen)
+            return model(batch, generator=gen)
 
     for c in cases:   # warm-up every path and shape (allocator, kernels)
-        c.out_pruned = train("scorer", c.b_pruned)
-        train("none", c.b_none)
-        infer("scorer", c.b_pruned)
-        infer("none", c.b_none)
+        c.out_pruned = train(c.b_pruned)
+        train(c.b_none)
+        infer(c.b_pruned)
+        infer(c.b_none)
     for rep in range(repeats):
         for c in (cases if rep % 2 == 0 else cases[::-1]):
-            order = [("none", c.b_none), ("scorer", c.b_pruned)]
+            order = [("none", c.b_none), ("pruned", c.b_pruned)]
             if rep % 2:
                 order.reverse()
-            for method, batch in order:
-                key = "none" if method == "none" else "pruned"
-                c.times[f"train_{key}"].append(time_call(lambda: train(method, batch)))
-            for method, batch in order:
-                key = "none" if method == "none" else "pruned"
-                c.times[f"infer_{key}"].append(time_call(lambda: infer(method, batch)))
+            for key, batch in order:
+                c.times[f"train_{key}"].append(time_call(lambda: train(batch)))
+            for key, batch in order:
+                c.times[f"infer_{key}"].append(time_call(lambda: infer(batch)))
             log(f"  T={c.frames} rep {rep}: " + " ".join(f"{k}={v[-1]:.3f}s" for k, v in c.times.items()))
     if DEVICE.type == "cuda":   # peak memory of a full training step (optimizer state included)
         for c in cases:
-            for key, method, batch in (("none", "none", c.b_none), ("pruned", "scorer", c.b_pruned)):
+            for key, batch in (("none", c.b_none), ("pruned", c.b_pruned)):
                 torch.cuda.reset_peak_memory_stats()
-                train(method, batch)
+                train(batch)
                 c.peak[f"train_peak_mem_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
     return [summarize_case(cfg, model, c, r, repeats) for c in cases]
 
@@ -158,7 +155,7 @@ def summarize_case(cfg, model, c: FrameCase, r: float, repeats: int) -> dict:
     def overhead():
         scores = model.scorer(x, grid, layout)
         aux = temporal_novelty_loss(scores, group_features(x, grid, g), layout)
-        keep = select_groups("scorer", layout, model.groups_per_frame, r, scores=scores)
+        keep = select_groups(c.b_pruned.budget, layout, scores=scores)
         bias = key_bias_from_scores(scores, grid, g, layout, -2.0)
         packed = pack_kept_tokens(ungroup_mask(keep, grid, g))
         y = scatter_packed(gather_packed(x, packed), packed)

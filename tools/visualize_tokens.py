@@ -43,7 +43,6 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
 
     from stts_dist.trained_model import open_trained_model
     from stts_dist.infer import InferenceInputError, load_video_frames
-    from stts_dist.stts.budget import llm_visual_tokens
     from stts_dist.visualize import kept_tokens, render_gif, render_kept_tokens, sample_object_groups, side_by_side
 
     args = build_parser().parse_args(argv)
@@ -65,18 +64,20 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Path]:
                         style=cfg.data.digit_style)
         frames, name = s["frames"], f"digits eval #{args.digits_index}: {s['question']} -> {s['answer']}"
         objects = sample_object_groups(model, s)
+    budgets = [model.budget.with_setting(m, ratio) for m in methods]
+    clip_frames = int(frames.shape[0])
     try:
-        llm_visual_tokens(model.groups_per_frame, int(frames.shape[0]), ratio, frames.shape[0] > 1)
+        for b in budgets:   # every setting checked before any picture is written
+            b.llm_visual_tokens(clip_frames, clip_frames > 1)
     except ValueError as e:
         raise InferenceInputError(str(e)) from None
     out = Path(args.out)
     written = []
-    for m in methods:
-        r = 0.0 if m == "none" else ratio
-        kept = kept_tokens(model, np.asarray(frames), m, r, torch.Generator().manual_seed(args.seed))
+    for m, b in zip(methods, budgets):
+        kept = kept_tokens(model, np.asarray(frames), b, torch.Generator().manual_seed(args.seed))
         path = out if len(methods) == 1 else out.with_name(f"{out.stem}_{m}{out.suffix or '.png'}")
-        written.append(render_kept_tokens(frames, kept, path, f"{name}  method={m} prune_ratio={r:g}", args.cell,
-                                          objects=objects))
+        written.append(render_kept_tokens(frames, kept, path, f"{name}  method={m} prune_ratio={b.prune_ratio:g}",
+                                          args.cell, objects=objects))
         if args.gif and m == methods[0]:
             written.append(render_gif(frames, kept, args.gif, args.cell))
     if len(methods) > 1:

@@ -1,12 +1,14 @@
 """From samples to a model batch: frames concatenated, prompts with exactly the reserved number
 of visual placeholders, packed token sequences with answer-only labels.
 
-Prompt layout per sample (``<video>`` repeated for the deterministic visual token count, plus one
-``<frame>`` per frame when separators are on):
+Prompt layout per sample (``<video>`` repeated ``TokenBudget.prompt_visual_span(T)`` times: the
+deterministic visual token count, plus one ``<frame>`` per frame when separators are on):
 
     <bos> <user> <video>*n question-words <assistant> | answer-words <eos>
 
-Labels are next-token targets on the answer part only.
+Labels are next-token targets on the answer part only. A sample with its answer is therefore
+``SPECIAL_TOKENS + span + question + answer`` tokens long, which the balancer budgets from
+metadata.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from stts_dist.stts.budget import llm_visual_tokens
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.stts.layout import FrameLayout
 
 IGNORE = -100
+SPECIAL_TOKENS = 4        # <bos> <user> <assistant> <eos> of the layout above
 
 
 @dataclass
@@ -31,10 +34,10 @@ class VideoBatch:
     positions: torch.Tensor           # (total,) long, restart at 0 per sequence
     seq_lengths: list[int]            # tokens per sample
     visual_tokens: list[int]          # visual placeholders (excl. separators) per sample
+    budget: TokenBudget               # the setting the placeholders were reserved for; the model prunes to it
     ids: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
-    prune_ratio: float = 0.0
 
     @property
     def size(self) -> int:
@@ -48,30 +51,29 @@ class VideoBatch:
 
 class SequenceBuilder:
     """Collates sample dicts ``{"frames": uint8 (T,H,W,3) or None, "question", "answer", "id",
-    "task"}`` into a :class:`VideoBatch` for a given effective prune ratio."""
+    "task"}`` into a :class:`VideoBatch` whose prompts reserve the visual tokens of ``budget``
+    (frames of ``image_size`` pixels square). With ``budget.adaptive_strength`` set, each video's
+    count is its share of the batch's fixed-rule total by pixel novelty (see stts/adaptive.py)."""
 
-    def __init__(self, tokenizer: Any, groups_per_frame: int, image_size: int, frame_separators: bool = False,
-                 adaptive_strength: Optional[float] = None):
-        """``adaptive_strength``: None = the fixed budget ``int(G*r*T)`` per video; a number =
-        adaptive budgets shared out over the batch by pixel novelty (see stts/adaptive.py)."""
+    def __init__(self, tokenizer: Any, budget: TokenBudget, image_size: int):
         self.tok = tokenizer
-        self.groups = groups_per_frame
+        self.budget = budget
         self.image_size = image_size
-        self.frame_separators = frame_separators
-        self.adaptive_strength = adaptive_strength
 
-    def _adaptive_pruned(self, samples: Sequence[dict], prune_ratio: float) -> Optional[list[int]]:
-        if self.adaptive_strength is None or prune_ratio <= 0:
+    def _adaptive_pruned(self, samples: Sequence[dict]) -> Optional[list[int]]:
+        b = self.budget
+        if b.adaptive_strength is None or b.prune_ratio <= 0:
             return None
         from stts_dist.stts.adaptive import adaptive_budgets, pixel_novelty
         frames = [0 if s.get("frames") is None else int(s["frames"].shape[0]) for s in samples]
         novelty = [pixel_novelty(np.asarray(s["frames"])) if t > 1 else 0.0 for s, t in zip(samples, frames)]
-        return adaptive_budgets(novelty, frames, self.groups, prune_ratio, strength=self.adaptive_strength)
+        return adaptive_budgets(novelty, frames, b.groups_per_frame, b.prune_ratio, strength=b.adaptive_strength)
 
-    def __call__(self, samples: Sequence[dict], prune_ratio: float, with_answer: bool = True) -> VideoBatch:
+    def __call__(self, samples: Sequence[dict], with_answer: bool = True) -> VideoBatch:
+        budget = self.budget
         frames, lengths, is_video = [], [], []
         ids, labels, seq_lengths, vis_counts = [], [], [], []
-        pruned = self._adaptive_pruned(samples, prune_ratio)
+        pruned = self._adaptive_pruned(samples)
         for k, s in enumerate(samples):
             fr = s.get("frames")
             T = 0 if fr is None else int(fr.shape[0])
@@ -86,11 +88,11 @@ class SequenceBuilder:
             if not T:
                 n_vis = 0
             elif pruned is not None:
-                n_vis = self.groups * T - pruned[k]
+                n_vis = budget.groups_per_frame * T - pruned[k]
             else:
-                n_vis = llm_visual_tokens(self.groups, T, prune_ratio, video)
+                n_vis = budget.llm_visual_tokens(T, video)
             vis_counts.append(n_vis)
-            span = n_vis + (T if self.frame_separators else 0)
+            span = n_vis + budget.separator_tokens(T)
             prompt = [self.tok.bos_id, self.tok.user_id] + [self.tok.video_id] * span + \
                 self.tok.encode(str(s["question"])) + [self.tok.assistant_id]
             answer = (self.tok.encode(str(s["answer"])) + [self.tok.eos_id]) if with_answer else []
@@ -108,7 +110,7 @@ class SequenceBuilder:
             input_ids=torch.tensor([t for seq in ids for t in seq], dtype=torch.long),
             labels=torch.tensor([t for seq in labels for t in seq], dtype=torch.long),
             positions=torch.cat([torch.arange(n) for n in seq_lengths]) if seq_lengths else torch.zeros(0, dtype=torch.long),
-            seq_lengths=seq_lengths, visual_tokens=vis_counts,
+            seq_lengths=seq_lengths, visual_tokens=vis_counts, budget=budget,
             ids=[str(s.get("id", i)) for i, s in enumerate(samples)],
             tasks=[str(s.get("task", "")) for s in samples],
-            answers=[str(s.get("answer", "")) for s in samples], prune_ratio=prune_ratio)
+            answers=[str(s.get("answer", "")) for s in samples])

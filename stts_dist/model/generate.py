@@ -11,13 +11,13 @@ from stts_dist.model.vlm import VideoVLM
 
 @torch.no_grad()
 def generate(model: VideoVLM, batch: VideoBatch, eos_id: int, max_new_tokens: int = 8,
-             method: Optional[str] = None, prune_ratio: Optional[float] = None,
              generator: Optional[torch.Generator] = None) -> tuple[list[list[int]], dict]:
-    """``batch`` holds prompts only (``SequenceBuilder(..., with_answer=False)``).
-    Returns (generated token ids per sample without eos, info with kept-token counts)."""
-    settings = model.prune_settings(method, prune_ratio)
+    """``batch`` holds prompts only (``SequenceBuilder(..., with_answer=False)``), pruned to
+    ``batch.budget``. Returns (generated token ids per sample without eos, info with kept-token
+    counts per sample and the ``keep`` (F, G) / ``scores`` (F, G) tensors)."""
+    settings = model.prune_settings(batch.budget)
     visual, res, dummy = model.encode_visual(batch.frames, batch.layout, settings, generator)
-    embeds, sep = model.embed_prompt(batch.input_ids)
+    embeds, sep = model.embed_prompt(batch)
     if not dummy:
         embeds = model.merge_visual(batch, embeds, visual, res.keep, sep)
     B, L = batch.size, max(batch.seq_lengths)

@@ -10,6 +10,7 @@ import torch
 
 from stts_dist.ops.groups import ungroup_mask
 from stts_dist.model.vit import VideoViT
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.stts.layout import FrameLayout
 from stts_dist.stts.packing import gather_packed, pack_kept_tokens, scatter_packed
 from stts_dist.stts.scorer import (TokenScorer, group_features, key_bias_from_scores,
@@ -19,8 +20,7 @@ from stts_dist.stts.selection import select_groups
 
 @dataclass
 class PruneSettings:
-    method: str
-    prune_ratio: float
+    budget: TokenBudget           # method, ratio and G of this run (the batch's)
     prune_at: int
     pool_size: int
     key_bias: bool = True
@@ -62,16 +62,16 @@ def run_vit_with_stts(vit: VideoViT, scorer: Optional[TokenScorer], frames: torc
     aux = x.sum() * 0.0
     novelty = None
     novelty_source = embed if settings.novelty_from == "embed" else x
-    if settings.method == "scorer":
+    method = settings.budget.method
+    if method == "scorer":
         if scorer is None:
             raise ValueError("method 'scorer' needs a model built with a scorer")
         scores = scorer(x, grid, layout)                        # (F, G)
         aux = temporal_novelty_loss(scores, group_features(novelty_source, grid, g), layout, settings.detach_aux_target)
-    elif settings.method == "temporal_diff":
+    elif method == "temporal_diff":
         novelty = temporal_novelty(group_features(novelty_source.detach(), grid, g), layout)
 
-    G = (-(-grid // g)) ** 2                                # groups per frame
-    keep = select_groups(settings.method, layout, G, settings.prune_ratio, scores, novelty, generator, x.device)
+    keep = select_groups(settings.budget, layout, scores, novelty, generator, x.device)
 
     bias = None
     if scores is not None and settings.key_bias:

@@ -2,9 +2,14 @@
 
 Only the kept groups' tokens enter the LLM ("unified" pruning: the ViT and LLM pruning are one
 decision); each video contributes exactly ``G*T - int(G*r*T)`` of them, which is the number of
-placeholders the prompt reserved. Every forward calls the ViT, the scorer (method ``scorer``),
-the connector and the LLM exactly once, also for a batch without any video (a zero-weight dummy
-frame), so ZeRO-3 sees the same module call sequence on every rank.
+placeholders the prompt reserved. The model prunes to the :class:`TokenBudget` the batch was built
+for (``VideoBatch.budget``): the prompt and the selection read the same object, so there is no
+second ratio to reconcile. ``model.budget`` is the budget of the model's own config, the one
+training uses and evaluation / inference derive their settings from.
+
+Every forward calls the ViT, the scorer (method ``scorer``), the connector and the LLM exactly
+once, also for a batch without any video (a zero-weight dummy frame), so ZeRO-3 sees the same
+module call sequence on every rank.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from stts_dist.ops.attention import VarlenPlan
 from stts_dist.model.connector import Connector
 from stts_dist.model.llm import LlamaLM
 from stts_dist.model.vit import VideoViT
-from stts_dist.stts.budget import groups_per_frame
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.stts.layout import FrameLayout
 from stts_dist.model.pruned_vit import PruneSettings, ViTResult, run_vit_with_stts
 from stts_dist.stts.scorer import TokenScorer
@@ -60,7 +65,7 @@ class VideoVLM(nn.Module):
         vocab = l.vocab_size or vocab_size
         self.llm = LlamaLM(vocab, l.hidden, l.layers, l.heads, l.kv_heads, l.ffn, l.rope_theta, l.rms_eps,
                            l.tie_embeddings, l.qkv_bias)
-        self.groups_per_frame = groups_per_frame(v.image_size, v.patch_size, c.pool_size)
+        self.budget = TokenBudget.from_model_config(cfg)
         self.video_token_id: Optional[int] = None
         self.frame_token_id: Optional[int] = None
         self._init_weights()
@@ -81,11 +86,11 @@ class VideoVLM(nn.Module):
     def set_special_tokens(self, video_id: int, frame_id: int) -> None:
         self.video_token_id, self.frame_token_id = video_id, frame_id
 
-    def prune_settings(self, method: Optional[str] = None, prune_ratio: Optional[float] = None) -> PruneSettings:
+    def prune_settings(self, budget: TokenBudget) -> PruneSettings:
+        """How the ViT prunes to ``budget``: its method and counts plus this model's STTS knobs."""
         s = self.cfg.stts
-        return PruneSettings(method or s.method, s.prune_ratio if prune_ratio is None else prune_ratio, s.prune_at,
-                             self.cfg.connector.pool_size, s.key_bias, s.key_bias_floor, s.detach_aux_target,
-                             s.attention_backend, s.novelty_from)
+        return PruneSettings(budget, s.prune_at, self.cfg.connector.pool_size, s.key_bias, s.key_bias_floor,
+                             s.detach_aux_target, s.attention_backend, s.novelty_from)
 
     # ------------------------------------------------------------------------------------------
     def encode_visual(self, frames: torch.Tensor, layout: FrameLayout, settings: PruneSettings,
@@ -100,12 +105,13 @@ class VideoVLM(nn.Module):
         tokens = self.connector(res.features, self.vit.grid, res.keep)
         return tokens, res, dummy
 
-    def embed_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """input_ids (L,) -> (embeddings (L, hidden), the ``<frame>`` separator's embedding (1, hidden)
-        or None without separators). ONE call of the embedding module whatever the batch holds:
-        under ZeRO-3 every rank must call the same modules the same number of times, and a rank
-        with a text-only batch needs no separator."""
-        if not self.cfg.stts.frame_separators:
+    def embed_prompt(self, batch: VideoBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """batch.input_ids (L,) -> (embeddings (L, hidden), the ``<frame>`` separator's embedding
+        (1, hidden) or None when the batch's prompts have no separators). ONE call of the embedding
+        module whatever the batch holds: under ZeRO-3 every rank must call the same modules the
+        same number of times, and a rank with a text-only batch needs no separator."""
+        input_ids = batch.input_ids
+        if not batch.budget.frame_separators:
             return self.llm.embed_tokens(input_ids), None
         sep_id = torch.tensor([self.frame_token_id], device=input_ids.device, dtype=input_ids.dtype)
         both = self.llm.embed_tokens(torch.cat([input_ids, sep_id]))
@@ -117,7 +123,7 @@ class VideoVLM(nn.Module):
         ``<video>`` placeholders."""
         pos = (batch.input_ids == self.video_token_id).nonzero(as_tuple=True)[0]
         per_frame = keep.sum(1)
-        if self.cfg.stts.frame_separators:
+        if batch.budget.frame_separators:
             if sep is None:
                 raise ValueError("frame separators are on: pass the separator embedding from embed_prompt()")
             pieces = []
@@ -125,20 +131,21 @@ class VideoVLM(nn.Module):
                 pieces += [sep, chunk]
             visual = torch.cat(pieces) if pieces else visual
         if visual.shape[0] != pos.numel():
-            produced = self._per_sample_counts(batch.layout, per_frame)
+            produced = self._per_sample_counts(batch, per_frame)
             reserved = self._reserved_per_sample(batch)
             bad = [(i, r, p) for i, (r, p) in enumerate(zip(reserved, produced)) if r != p]
             detail = ", ".join(f"sample {batch.ids[i] if i < len(batch.ids) else i}: {r} placeholders vs {p} tokens"
                                for i, r, p in bad[:5])
             raise VisualTokenMismatch(
                 f"the prompt reserves {pos.numel()} visual placeholders but the ViT kept {visual.shape[0]} tokens "
-                f"({detail}). Build the batch with the same prune ratio/method as the model "
-                f"(SequenceBuilder(..., prune_ratio=r)); the count per video must be G*T - int(G*r*T).")
+                f"({detail}). Build batches with SequenceBuilder, which reserves the budget's count per "
+                f"video, G*T - int(G*r*T) (plus T separators), and do not edit their prompts.")
         return embeds.index_put((pos,), visual.to(embeds.dtype))
 
-    def _per_sample_counts(self, layout: FrameLayout, per_frame: torch.Tensor) -> list[int]:
-        sep = 1 if self.cfg.stts.frame_separators else 0
-        return [int(per_frame[s:s + n].sum()) + sep * n for s, n in zip(layout.starts, layout.lengths)]
+    def _per_sample_counts(self, batch: VideoBatch, per_frame: torch.Tensor) -> list[int]:
+        layout = batch.layout
+        return [int(per_frame[s:s + n].sum()) + batch.budget.separator_tokens(n)
+                for s, n in zip(layout.starts, layout.lengths)]
 
     def _reserved_per_sample(self, batch: VideoBatch) -> list[int]:
         out, start = [], 0
@@ -147,16 +154,14 @@ class VideoVLM(nn.Module):
             start += n
         return out
 
-    def forward(self, batch: VideoBatch, method: Optional[str] = None, prune_ratio: Optional[float] = None,
-                generator: Optional[torch.Generator] = None, aux_weight: Optional[float] = None) -> VLMOutput:
+    def forward(self, batch: VideoBatch, generator: Optional[torch.Generator] = None,
+                aux_weight: Optional[float] = None) -> VLMOutput:
+        """Prunes to ``batch.budget`` (method and counts); ``generator`` seeds method ``random``."""
         if self.video_token_id is None:
             raise RuntimeError("call model.set_special_tokens(tokenizer.video_id, tokenizer.frame_id) first")
-        settings = self.prune_settings(method, prune_ratio)
-        if abs(settings.prune_ratio - batch.prune_ratio) > 1e-9 and settings.method != "none":
-            raise VisualTokenMismatch(
-                f"batch was built for prune_ratio={batch.prune_ratio} but the model prunes {settings.prune_ratio}")
+        settings = self.prune_settings(batch.budget)
         visual, res, dummy = self.encode_visual(batch.frames, batch.layout, settings, generator)
-        embeds, sep = self.embed_prompt(batch.input_ids)
+        embeds, sep = self.embed_prompt(batch)
         if dummy:
             # keep the graph identical on every rank: the dummy frame contributes exactly zero
             embeds = embeds + visual.sum() * 0.0 + (0.0 if sep is None else sep.sum() * 0.0)
@@ -166,7 +171,7 @@ class VideoVLM(nn.Module):
         hidden = self.llm.forward_hidden(embeds, batch.positions, plan)
         lm_loss = self.llm.loss(hidden, batch.labels)
         w = self.cfg.stts.aux_loss_weight if aux_weight is None else aux_weight
-        loss = lm_loss + w * res.aux_loss if settings.method == "scorer" else lm_loss + res.aux_loss
+        loss = lm_loss + w * res.aux_loss if batch.budget.method == "scorer" else lm_loss + res.aux_loss
         n = max(batch.size, 1)
         metrics = {
             "vit_tokens_before": 0 if dummy else res.tokens_before / n,

@@ -50,7 +50,7 @@ def _as_list(value: int | Sequence[int], n: int, name: str) -> list[int]:
 def adaptive_budgets(novelty_per_video: Sequence[float], frames: int | Sequence[int], groups: int | Sequence[int],
                      mean_ratio: float, strength: float = 1.0, min_ratio: float = 0.0,
                      max_ratio: Optional[float] = None) -> list[int]:
-    """Groups to PRUNE per video (the adaptive counterpart of ``budget.pruned_groups``).
+    """Groups to PRUNE per video (the adaptive counterpart of ``TokenBudget.pruned_groups``).
 
     novelty_per_video: (N,) content novelty (>= 0, e.g. :func:`pixel_novelty`); frames: T per
     video (or one T for all); groups: G per frame (or one per video); mean_ratio: the fixed

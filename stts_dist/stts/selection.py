@@ -1,6 +1,6 @@
 """Which groups are pruned: STTS and the baselines, all at the same deterministic budget.
 
-Every method prunes exactly ``int(G * r * T)`` groups of each video (``budget.pruned_groups``);
+Every method prunes exactly ``int(G * r * T)`` groups of each video (``TokenBudget.pruned_groups``);
 the first frame is always kept whole; images / text-only samples are never pruned. Selection is
 hard (no Gumbel / straight-through) and runs without gradients.
 """
@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from stts_dist.stts.budget import pruned_groups
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.stts.layout import FrameLayout
 
 METHODS = ("none", "random", "uniform", "temporal_diff", "scorer")
@@ -47,17 +47,19 @@ def _uniform_keep(T: int, G: int, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_groups(method: str, layout: FrameLayout, groups: int, prune_ratio: float,
+def select_groups(budget: TokenBudget, layout: FrameLayout,
                   scores: Optional[torch.Tensor] = None, novelty: Optional[torch.Tensor] = None,
                   generator: Optional[torch.Generator] = None, device: torch.device | None = None) -> torch.Tensor:
-    """Returns keep: (F, G) bool for all frames of the batch.
+    """Returns keep: (F, G) bool for all frames of the batch, ``budget.method`` pruning
+    ``budget.pruned_groups(T)`` of each video (or ``layout.pruned``: adaptive counts).
 
     scores: (F, G) scorer output (method ``scorer``); novelty: (F, G) temporal novelty
     (method ``temporal_diff``); generator seeds ``random``."""
+    method, groups = budget.method, budget.groups_per_frame
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
     keep = torch.ones(layout.num_frames, groups, dtype=torch.bool)
-    if method == "none" or prune_ratio <= 0:
+    if budget.prune_ratio <= 0:     # also method none: its budget prunes nothing
         return keep.to(device)
     for i, (start, T, is_video) in enumerate(zip(layout.starts, layout.lengths, layout.is_video)):
         if layout.pruned is not None:
@@ -66,7 +68,7 @@ def select_groups(method: str, layout: FrameLayout, groups: int, prune_ratio: fl
                 raise ValueError(f"sample {i}: {n} groups to prune, but a {T}-frame video must keep its first "
                                  f"frame: the adaptive budget must lie in [0, {groups * max(T - 1, 0)}]")
         else:
-            n = pruned_groups(groups, T, prune_ratio, is_video)
+            n = budget.pruned_groups(T, is_video)
         if n == 0:
             continue
         sl = slice(start, start + T)

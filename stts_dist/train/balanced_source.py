@@ -20,8 +20,9 @@ saved in checkpoints; resume needs the same DP degree, budgets, seed and method 
 refuses anything else, naming the difference).
 
 Token counts: the planner budgets the exact packed-sequence length that ``SequenceBuilder``
-produces for each sample -- LLM visual tokens ``G*T - int(G*r*T)`` (``stts/budget.py``) plus
-text tokens (4 specials, question, answer, and one separator per frame when enabled). Every
+produces for each sample, from the run's :class:`~stts_dist.stts.budget.TokenBudget` -- LLM
+visual tokens ``G*T - int(G*r*T)`` plus text tokens (the builder's ``SPECIAL_TOKENS``, question,
+answer, and one separator per frame when enabled). Every
 collated batch is checked against the plan, so metadata that disagrees with the data is an
 error instead of a silently broken budget.
 """
@@ -35,13 +36,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from stts_dist.balance import BalancePlanner, CostModel, Plan, SampleTable, balance_metrics
-from stts_dist.stts import budget
+from stts_dist.data.batch import SPECIAL_TOKENS
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
 from stts_dist.train.vocabulary import build_tokenizer
 
 UNBOUNDED = 1 << 40            # a budget of 0 in the config: larger than any micro-batch
 PLAN_AHEAD = 64                # steps planned (and prefetched by loader workers) at a time
-SPECIAL_TOKENS = 4             # <bos> <user> ... <assistant> ... <eos> (SequenceBuilder)
 STATE_VERSION = 1
 
 
@@ -52,39 +53,25 @@ class TokenCountMismatch(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Metadata tables (what the planner sees)
 
-@dataclasses.dataclass(frozen=True)
-class TokenGeometry:
-    """How the model turns frames into tokens; fixes every per-sample count."""
-    patches_per_frame: int
-    groups_per_frame: int
-    prune_ratio: float           # effective ratio the batches are built for (0 when method=none)
-    frame_separators: bool
+def visual_tokens(budget: TokenBudget, frames: np.ndarray) -> np.ndarray:
+    """LLM visual tokens per sample, shape ``(n,)``: ``budget.llm_visual_tokens`` itself,
+    evaluated once per distinct frame count (so the rounding is exactly the builder's)."""
+    frames = np.asarray(frames, dtype=np.int64)
+    distinct, inverse = np.unique(frames, return_inverse=True)
+    per_t = np.array([budget.llm_visual_tokens(int(t), int(t) > 1) for t in distinct.tolist()], dtype=np.int64)
+    return per_t[inverse.reshape(-1)]
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "TokenGeometry":
-        m = cfg.model
-        n = m.vit.image_size // m.vit.patch_size
-        ratio = budget.effective_ratio(m.stts.method, m.stts.prune_ratio)
-        return cls(n * n, budget.groups_per_frame(m.vit.image_size, m.vit.patch_size, m.connector.pool_size),
-                   ratio, bool(m.stts.frame_separators))
 
-    def visual_tokens(self, frames: np.ndarray) -> np.ndarray:
-        """LLM visual tokens per sample, shape ``(n,)``: ``budget.llm_visual_tokens`` itself,
-        evaluated once per distinct frame count (so the rounding is exactly the builder's)."""
-        frames = np.asarray(frames, dtype=np.int64)
-        distinct, inverse = np.unique(frames, return_inverse=True)
-        per_t = np.array([budget.llm_visual_tokens(self.groups_per_frame, int(t), self.prune_ratio, int(t) > 1)
-                          for t in distinct.tolist()], dtype=np.int64)
-        return per_t[inverse.reshape(-1)]
-
-    def table(self, frames: np.ndarray, text_tokens: np.ndarray) -> SampleTable:
-        """Rows ``0..n-1``; ``text_tokens`` = question + answer tokens (specials excluded)."""
-        frames = np.asarray(frames, dtype=np.int64)
-        other = np.asarray(text_tokens, dtype=np.int64) + SPECIAL_TOKENS + (frames if self.frame_separators else 0)
-        n = len(frames)
-        return SampleTable(index=np.arange(n), frames=frames, patches_per_frame=np.full(n, self.patches_per_frame),
-                           groups_per_frame=np.full(n, self.groups_per_frame),
-                           llm_visual_tokens=self.visual_tokens(frames), text_tokens=other, is_video=frames > 1)
+def sample_table(budget: TokenBudget, frames: np.ndarray, text_tokens: np.ndarray) -> SampleTable:
+    """What the planner sees of samples with ``frames`` (n,) frames and ``text_tokens`` (n,)
+    question + answer tokens (specials excluded): rows ``0..n-1``, the text column counting every
+    non-visual token of the packed sequence (specials and frame separators included)."""
+    frames = np.asarray(frames, dtype=np.int64)
+    other = np.asarray(text_tokens, dtype=np.int64) + SPECIAL_TOKENS + budget.separator_tokens(frames)
+    n = len(frames)
+    return SampleTable(index=np.arange(n), frames=frames, patches_per_frame=np.full(n, budget.patches_per_frame),
+                       groups_per_frame=np.full(n, budget.groups_per_frame),
+                       llm_visual_tokens=visual_tokens(budget, frames), text_tokens=other, is_video=frames > 1)
 
 
 def digits_text_tokens(dataset: DigitsDataset, tokenizer: Any) -> np.ndarray:
@@ -188,25 +175,26 @@ class BalancedSource:
     # -- construction from a run config ---------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: Any, dp_rank: int, dp_size: int, shard_dir: Any = None,
-                    tokenizer: Any = None) -> "BalancedSource":
+                    tokenizer: Any = None, budget: Optional[TokenBudget] = None) -> "BalancedSource":
+        """``tokenizer`` / ``budget``: the trainer's (None: built from ``cfg`` the same way)."""
         d, b = cfg.data, cfg.balance
-        tokenizer = tokenizer or build_tokenizer(cfg, shard_dir)      # the trainer's tokenizer
-        geometry = TokenGeometry.from_config(cfg)
+        tokenizer = tokenizer or build_tokenizer(cfg, shard_dir)
+        budget = budget or TokenBudget.from_model_config(cfg.model)
         if d.source == "digits":
             dataset = DigitsDataset(d.train_samples, d.seed, d.num_frames, cfg.model.vit.image_size, d.tasks,
                                     "train", d.min_frames, d.digit_style)
             frames = np.fromiter((dataset.frames_for(i) for i in range(len(dataset))), np.int64, len(dataset))
-            table = geometry.table(frames, digits_text_tokens(dataset, tokenizer))
+            table = sample_table(budget, frames, digits_text_tokens(dataset, tokenizer))
             reader: Any = DigitsRowReader(dataset, d.num_workers)
         else:
             from data_pipeline.dataset_index import load_index
             if shard_dir is None:
                 raise ValueError(f"data.source={d.source} needs its shard folder; call prepare_shards first")
             index = load_index(shard_dir)
-            table = geometry.table(index.frames, index.text_tokens)
-            if np.any(index.patches_per_frame != geometry.patches_per_frame):
+            table = sample_table(budget, index.frames, index.text_tokens)
+            if np.any(index.patches_per_frame != budget.patches_per_frame):
                 raise ValueError(f"{shard_dir} was sharded with {int(index.patches_per_frame[0])} patches per frame "
-                                 f"but the model sees {geometry.patches_per_frame}; re-shard at model.vit.image_size")
+                                 f"but the model sees {budget.patches_per_frame}; re-shard at model.vit.image_size")
             reader = ShardRowReader(index, d.num_workers)
         cost_model = dataclasses.replace(CostModel.from_model_config(cfg.model),
                                          llm_vocab=cfg.model.llm.vocab_size or tokenizer.vocab_size)
@@ -307,5 +295,5 @@ def window_rows(num_samples: int, window: int, seed: int, steps: int) -> list[li
     return [sampler.next_batch() for _ in range(steps)]
 
 
-__all__: Sequence[str] = ("BalancedSource", "TokenGeometry", "DigitsRowReader", "ShardRowReader",
+__all__: Sequence[str] = ("BalancedSource", "sample_table", "visual_tokens", "DigitsRowReader", "ShardRowReader",
                           "digits_text_tokens", "window_rows", "TokenCountMismatch", "UNBOUNDED")

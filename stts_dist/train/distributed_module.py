@@ -18,6 +18,7 @@ import torch.distributed as dist
 from stts_dist.model.vlm import build_model
 from stts_dist import checkpoint as ckpt
 from stts_dist.train.optim import build_optimizer, set_learning_rates
+from stts_dist.train.phase_timer import phase
 from stts_dist.weights.finetune import load_pretrained_weights
 
 DS_TAG = "deepspeed"
@@ -80,15 +81,18 @@ class DistributedTrainModule:
     def train_step(self, batch, step: int, generator: torch.Generator) -> dict[str, float]:
         lrs = set_learning_rates(self.engine.optimizer, step, self.cfg.train.steps, self.cfg.optim)
         self.engine.train()
-        out = self.engine(batch, generator=generator)
+        with phase("forward"):
+            out = self.engine(batch, generator=generator)
         n_local = torch.tensor([float((batch.labels != -100).sum())], dtype=torch.float64)
         n_global = n_local.clone()
         dist.all_reduce(n_global, group=self.dp_group)
         scale = float(n_local) * self.dp_size / max(float(n_global), 1.0)
-        w = self.cfg.model.stts.aux_loss_weight if self.cfg.model.stts.method == "scorer" else 0.0
+        w = self.cfg.model.stts.aux_loss_weight if batch.budget.method == "scorer" else 0.0
         loss = out.lm_loss * scale + w * out.aux_loss
-        self.engine.backward(loss)
-        self.engine.step()
+        with phase("backward"):
+            self.engine.backward(loss)
+        with phase("optimizer"):
+            self.engine.step()
         gnorm = self.engine.get_global_grad_norm()
         lm, aux = self._global_means(float(out.lm_loss.detach()) * scale, float(out.aux_loss.detach()))
         m = {"loss": lm + w * aux, "lm_loss": lm, "aux_loss": aux,

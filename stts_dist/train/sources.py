@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from stts_dist.data.digits import make_sample
-from stts_dist.stts.budget import effective_ratio
+from stts_dist.stts.budget import TokenBudget
 from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
 
 
@@ -50,15 +50,13 @@ class DigitsSource:
         self.sampler.load_state_dict(state)
 
 
-def check_clip_lengths(cfg, shard_dir: Path) -> None:
+def check_clip_lengths(budget: TokenBudget, shard_dir: Path) -> None:
     """Shards serve every ratio, so whether each clip is long enough for this run's ratio (the
     first frame is always kept whole) is checked here, at load time, naming the fix."""
     from data_pipeline.dataset_index import load_index
-    s = cfg.model.stts
-    ratio = effective_ratio(s.method, s.prune_ratio)
+    ratio = budget.prune_ratio
     index = load_index(shard_dir)
-    g = index.groups_per_frame
-    too_short = index.is_video & (index.frames > 1) & ((g * ratio * index.frames).astype(int) > g * (index.frames - 1))
+    too_short = budget.too_short_to_prune(index.frames, index.is_video)
     if too_short.any():
         shortest, longest = int(index.frames[too_short].min()), int(index.frames[too_short].max())
         raise ValueError(f"{int(too_short.sum())} of {len(index)} clips in {shard_dir} have too few frames "
@@ -70,9 +68,9 @@ def check_clip_lengths(cfg, shard_dir: Path) -> None:
 class ShardSource:
     """The data pipeline's ``VideoLoader`` over a shard folder (decoding in its workers)."""
 
-    def __init__(self, cfg, shard_dir: Path, dp_rank: int, dp_size: int):
+    def __init__(self, cfg, budget: TokenBudget, shard_dir: Path, dp_rank: int, dp_size: int):
         from data_pipeline.loader import VideoLoader
-        check_clip_lengths(cfg, shard_dir)
+        check_clip_lengths(budget, shard_dir)
         d = cfg.data
         self.local_batch = cfg.train.batch_size // dp_size
         self.loader = VideoLoader({"datasets": [{"path": str(shard_dir)}], "seed": d.seed,
@@ -129,12 +127,14 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
     return ensure_shards(manifest, work / f"digits_shards_{tag}", sharding_overrides(cfg))
 
 
-def build_source(cfg, dp_rank: int, dp_size: int, shard_dir: Optional[Path], tokenizer: Any = None):
+def build_source(cfg, budget: TokenBudget, dp_rank: int, dp_size: int, shard_dir: Optional[Path],
+                 tokenizer: Any = None):
+    """The run's training source; ``budget`` (the trainer's) fixes the token counts it checks / plans."""
     if cfg.balance.enabled:    # pruning-aware split of each global batch across DP ranks
         from stts_dist.train.balanced_source import BalancedSource
-        return BalancedSource.from_config(cfg, dp_rank, dp_size, shard_dir, tokenizer)
+        return BalancedSource.from_config(cfg, dp_rank, dp_size, shard_dir, tokenizer, budget)
     if cfg.data.source == "digits":
         return DigitsSource(cfg, dp_rank, dp_size)
     if shard_dir is None:
         raise ValueError(f"data.source={cfg.data.source} needs its shard folder; call prepare_shards first")
-    return ShardSource(cfg, shard_dir, dp_rank, dp_size)
+    return ShardSource(cfg, budget, shard_dir, dp_rank, dp_size)

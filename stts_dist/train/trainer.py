@@ -19,7 +19,6 @@ from stts_dist.data.batch import SequenceBuilder
 from stts_dist.device import resolve_device
 from stts_dist.evaluation import evaluate
 from stts_dist.plots import plot_accuracy_vs_tokens, rows_from_trainer_eval
-from stts_dist.stts.budget import effective_ratio
 from stts_dist.heldout import describe_unknown_words, run_heldout_source, unknown_word_report
 from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist import checkpoint as ckpt
@@ -29,6 +28,7 @@ from stts_dist.train.sources import build_source, prepare_shards
 from stts_dist.train.stage0 import ensure_digits_vit
 from stts_dist.train.vocabulary import build_tokenizer
 from stts_dist.train.optim import build_optimizer, set_learning_rates
+from stts_dist.train import phase_timer
 from stts_dist.weights.finetune import load_pretrained_weights
 
 
@@ -224,10 +224,12 @@ class Trainer:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} (global) must be divisible by the "
                              f"data-parallel size {self.dp_size}")
         m = cfg.model
-        self.builder = SequenceBuilder(self.tokenizer, self.model.groups_per_frame, m.vit.image_size,
-                                       m.stts.frame_separators, self._adaptive_strength())
+        # the run's token budget, built once (with the model, from cfg.model): the batches, the
+        # source's clip-length check / balancer and the evaluation settings all count with it
+        self.budget = self.model.budget
+        self.builder = SequenceBuilder(self.tokenizer, self.budget, m.vit.image_size)
         d = cfg.data
-        self.source = build_source(cfg, self.dp_rank, self.dp_size, shard_dir, self.tokenizer)
+        self.source = build_source(cfg, self.budget, self.dp_rank, self.dp_size, shard_dir, self.tokenizer)
         if d.source in DIGITS_SOURCES:    # the digits' eval split, with the training clip lengths
             split = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval",
                                   d.min_frames, d.digit_style)
@@ -287,10 +289,6 @@ class Trainer:
             if fn is not None:
                 fn(self, *args)
 
-    def _adaptive_strength(self) -> Optional[float]:
-        s = self.cfg.model.stts
-        return s.adaptive_strength if s.adaptive else None
-
     def _world(self) -> dict:
         return getattr(self.module, "world", {"world_size": 1, "tensor_parallel": 1})
 
@@ -346,9 +344,8 @@ class Trainer:
         split = self.dp_size > 1 and self.dp_size == world and len(samples) % self.dp_size == 0
         out: dict[str, float] = {}
         for method, ratio in methods_ratios:
-            res = evaluate(self.model, self.tokenizer, samples, method, ratio,
-                           frame_separators=s.frame_separators, seed=self.cfg.data.seed,
-                           adaptive_strength=self._adaptive_strength(),
+            res = evaluate(self.model, self.tokenizer, samples, method, ratio, seed=self.cfg.data.seed,
+                           adaptive_strength=self.budget.adaptive_strength,
                            rank=self.dp_rank if split else 0, world=self.dp_size if split else 1)
             tag = f"{method}@{ratio:g}"
             for k, v in res.items():
@@ -365,11 +362,11 @@ class Trainer:
         self.maybe_resume()
         self._emit("on_train_start")
         total = cfg.train.steps
-        ratio = effective_ratio(cfg.model.stts.method, cfg.model.stts.prune_ratio)
         # This data-parallel rank's share of each global batch (TP peers share a dp_rank, so they
         # receive identical samples), built ahead in loader workers, with the source state after
         # each step so checkpoints record the exact position.
-        batches = self.source.batches(max(0, total - self.step), _Collate(self.builder, ratio))
+        batches = self.source.batches(max(0, total - self.step), _Collate(self.builder))
+        batches = phase_timer.timed_batches(batches)      # STTS_PHASE_TIMES=1 only (tools/bench_train.py)
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000003 + self.step)
         status = "FAILED"
         previous = self._install_signal_handlers()
@@ -395,7 +392,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['llm_visual_tokens']:.0f}",
                                     samples_s=f"{metrics['samples_per_s'] * self.dp_size:.1f}", refresh=False)
                 # logging, then the loop's own snapshots / checkpoints / evaluations (loop_callbacks.py)
-                self._emit("on_step_end", self.step, metrics)
+                metrics.update(phase_timer.collect())           # phase/* seconds, STTS_PHASE_TIMES=1 only
+                with phase_timer.phase("logging"):
+                    self._emit("on_step_end", self.step, metrics)
                 stop = self._stop_signal is not None
                 any_rank = getattr(self.module, "any_rank", None)
                 if any_rank is not None:
@@ -476,11 +475,11 @@ class Trainer:
 class _Collate:
     """Picklable collate for loader workers."""
 
-    def __init__(self, builder: SequenceBuilder, ratio: float):
-        self.builder, self.ratio = builder, ratio
+    def __init__(self, builder: SequenceBuilder):
+        self.builder = builder
 
     def __call__(self, samples):
-        return self.builder(samples, self.ratio)
+        return self.builder(samples)
 
 
 def _progress(enabled: bool, start: int, total: int):
