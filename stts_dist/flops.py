@@ -1,7 +1,9 @@
 """Analytic forward FLOPs of the model (multiply-add = 2 FLOPs), from token counts.
 
 Used by the benchmark (FLOP-ideal speed-up), the memory/FLOP estimator and the balancer's cost
-model, so all three agree on what a token costs. Training ~ 3x forward.
+model (``stts_dist.balance.cost_model`` takes its per-token linear and attention FLOPs from the
+``*_flops_per_token`` / ``attention_flops`` formulas here), so all three agree on what a token
+costs. Training ~ 3x forward.
 """
 from __future__ import annotations
 
@@ -24,19 +26,32 @@ class FlopBreakdown:
         return self.vit_before + self.vit_after + self.scorer + self.connector + self.llm
 
 
+def vit_linear_flops_per_token(width, mlp):
+    """One pre-norm ViT block's linears on one patch: qkv + out projection (``4 D^2``) and MLP up +
+    down (``2 D Mv``). Scalars or numpy arrays; ints stay exact ints."""
+    return 2 * (4 * width * width + 2 * width * mlp)
+
+
+def llm_linear_flops_per_token(hidden, ffn, kv_ratio):
+    """One decoder layer's linears on one token: q and o (``2 H^2``), k and v at the GQA width
+    ``kv_ratio * H`` (``kv_ratio = kv_heads / heads``), SwiGLU gate / up / down (``3 H F``)."""
+    return 2 * (2 * hidden * hidden + 2 * kv_ratio * hidden * hidden + 3 * hidden * ffn)
+
+
+def attention_flops(length, width, causal: bool = False):
+    """``QK^T`` and ``AV`` of one sequence of ``length`` tokens at model width ``width`` (two
+    ``L x L x width`` products); causal attention computes half of them. Scalars or arrays."""
+    return (2 if causal else 4) * length ** 2 * width
+
+
 def vit_block_flops(n: int, width: int, mlp: int) -> float:
     """One pre-norm block on one frame of n tokens."""
-    linear = 2 * n * (4 * width * width + 2 * width * mlp)
-    attn = 2 * 2 * n * n * width
-    return linear + attn
+    return n * vit_linear_flops_per_token(width, mlp) + attention_flops(n, width)
 
 
 def llm_layer_flops(L: int, hidden: int, heads: int, kv_heads: int, ffn: int, causal: bool = True) -> float:
     """One decoder layer on one sequence of L tokens."""
-    hd = hidden // heads
-    linear = 2 * L * (hidden * hd * (heads + 2 * kv_heads) + heads * hd * hidden + 3 * hidden * ffn)
-    attn = 2 * 2 * L * L * hidden * (0.5 if causal else 1.0)
-    return linear + attn
+    return L * llm_linear_flops_per_token(hidden, ffn, kv_heads / heads) + attention_flops(L, hidden, causal)
 
 
 def model_forward_flops(model_cfg, budget: TokenBudget, frames_kept_patches: Sequence[Sequence[int]],

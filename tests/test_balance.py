@@ -18,7 +18,7 @@ from stts_dist.balance import (TERMS, BalancedSchedule, BalancePlanner, Candidat
                                first_fit_decreasing, greedy_lpt, karmarkar_karp_equal, measure_kernel_rates,
                                pack_sequences, padding_fraction, refine_pairs)
 from stts_dist.balance.cost_model import TERM_COMPONENT, representative_shapes
-from stts_dist.balance.planner import greedy_lpt_budgeted, quantize_costs, repair_budgets, step_critical_path
+from stts_dist.balance.partition import greedy_lpt_budgeted, quantize_costs, repair_budgets, step_critical_path
 from stts_dist.stts.budget import llm_visual_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -534,7 +534,7 @@ def test_costs_are_quantised_to_integers_for_bit_identical_plans():
 
 
 def test_candidate_window_never_repeats_a_row_within_a_window():
-    from stts_dist.balance.planner import CandidateWindow
+    from stts_dist.balance.schedule import CandidateWindow
     w = CandidateWindow(num_samples=64, window_size=48, seed=3)      # 48 does not divide 64
     for step in range(6):
         rows = w.rows(step)

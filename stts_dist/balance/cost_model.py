@@ -17,6 +17,9 @@ FFN width, ``rho = kv_heads / heads``, ``L`` LLM tokens of the sample, ``V`` voc
     vit_post = (depth - prune_at - 2) * (vit_block_linear(K)   + vit_block_attn(K, T))
     llm      = layers * (2 L (2 H^2 + 2 rho H^2 + 3 H F) + 2 L^2 H) + 2 L H V
 
+The per-token linear and the attention FLOPs are ``stts_dist.flops``'s (the estimator's and the
+benchmark's formulas); this module adds the per-sample view and the LM head (``2 L H V``).
+
 The LLM attention term is per *sample*, not per packed sequence: packed sequences carry
 ``cu_seqlens`` and no token attends across samples, so the quadratic work of a packed sequence is
 the sum of its samples' ``L^2`` (causal, hence ``2 L^2 H`` instead of ``4 L^2 H``). That keeps the
@@ -43,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from stts_dist import flops as model_flops
 
 TRAIN_FLOP_FACTOR = 3.0   # forward + backward (2x forward)
 COMPONENTS = ("vit_pre", "vit_post", "llm")
@@ -250,13 +255,11 @@ class CostModel:
     # -- cost -----------------------------------------------------------------------------------
     def vit_linear_flops_per_row(self) -> float:
         """Forward FLOPs of one ViT block's linears per patch: qkv + out projection, MLP up + down."""
-        D, Mv = float(self.vit_width), float(self.vit_mlp)
-        return 2.0 * (4 * D * D + 2 * D * Mv)
+        return float(model_flops.vit_linear_flops_per_token(self.vit_width, self.vit_mlp))
 
     def llm_linear_flops_per_token(self) -> float:
         """Forward FLOPs of one LLM layer's linears per token: q, o, k, v (GQA), SwiGLU gate/up/down."""
-        H, F = float(self.llm_hidden), float(self.llm_ffn)
-        return 2.0 * (2 * H * H + 2 * self.llm_kv_ratio * H * H + 3 * H * F)
+        return model_flops.llm_linear_flops_per_token(float(self.llm_hidden), float(self.llm_ffn), self.llm_kv_ratio)
 
     def _forward_pieces(self, t: SampleTable) -> dict[str, np.ndarray]:
         """Forward FLOPs per sample (each ``(n,)``) of ONE ViT block / LLM layer split into linear and
@@ -267,9 +270,12 @@ class CostModel:
         kept = t.vit_patches_kept.astype(np.float64)
         L = t.llm_tokens.astype(np.float64)
         lin = self.vit_linear_flops_per_row()
-        return {"vit_pre_linear": lin * patches, "vit_pre_attn": 4.0 * patches ** 2 * D / frames,
-                "vit_post_linear": lin * kept, "vit_post_attn": 4.0 * kept ** 2 * D / frames,
-                "llm_linear": self.llm_linear_flops_per_token() * L, "llm_attn": 2.0 * L ** 2 * H,
+        # ViT attention is per frame: T frames of n/T patches cost 1/T of one sequence of n (kept
+        # patches assumed spread evenly, see the module doc)
+        return {"vit_pre_linear": lin * patches, "vit_pre_attn": model_flops.attention_flops(patches, D) / frames,
+                "vit_post_linear": lin * kept, "vit_post_attn": model_flops.attention_flops(kept, D) / frames,
+                "llm_linear": self.llm_linear_flops_per_token() * L,
+                "llm_attn": model_flops.attention_flops(L, H, causal=True),
                 "llm_head": 2.0 * L * H * self.llm_vocab}
 
     def _blocks(self) -> tuple[int, int]:
@@ -476,7 +482,7 @@ def measure_kernel_rates(cost_model: CostModel, samples: "SampleTable | Sequence
         seconds = timer.linears(rows, [(D, 3 * D), (D, D), (D, Mv), (Mv, D)])
         rates[f"{stage}_linear"] = TRAIN_FLOP_FACTOR * cm.vit_linear_flops_per_row() * rows / seconds
         seconds = timer.attention(batch, length, vit_heads, D // vit_heads, causal=False)
-        rates[f"{stage}_attn"] = TRAIN_FLOP_FACTOR * 4.0 * length ** 2 * D * batch / seconds
+        rates[f"{stage}_attn"] = TRAIN_FLOP_FACTOR * model_flops.attention_flops(length, D) * batch / seconds
     rows = shapes["llm_rows"]
     layer_s = timer.linears(rows, [(H, H), (H, kv), (H, kv), (H, H), (H, F), (H, F), (F, H)])
     head_s = timer.linears(rows, [(H, cm.llm_vocab)]) if cm.llm_vocab else 0.0
@@ -485,7 +491,7 @@ def measure_kernel_rates(cost_model: CostModel, samples: "SampleTable | Sequence
     rates["llm_linear"] = TRAIN_FLOP_FACTOR * flops * rows / (cm.llm_layers * layer_s + head_s)
     length, batch = shapes["llm_len"], shapes["llm_batch"]
     seconds = timer.attention(batch, length, llm_heads, H // llm_heads, causal=True)
-    rates["llm_attn"] = TRAIN_FLOP_FACTOR * 2.0 * length ** 2 * H * batch / seconds
+    rates["llm_attn"] = TRAIN_FLOP_FACTOR * model_flops.attention_flops(length, H, causal=True) * batch / seconds
     return rates
 
 

@@ -3,12 +3,13 @@ pruning-aware token balancer (``stts_dist.balance``, design in docs/balancing.md
 
 Per global step, every rank
 
-1. draws the same candidate window (``EpochSampler``: epoch ``e`` is the seeded permutation
-   ``default_rng([seed, e])``, ragged tail dropped -- the unbalanced ``DigitsSource`` order);
+1. draws the same candidate window (``EpochSampler`` over ``balance.CandidateWindow``: epoch ``e``
+   is the seeded permutation ``default_rng([seed, e])``, ragged tail dropped -- the unbalanced
+   ``DigitsSource`` order);
 2. runs :class:`~stts_dist.balance.BalancePlanner` on the window's *metadata* plus the samples
-   deferred from earlier steps, and gets the same :class:`~stts_dist.balance.Plan` as every other
-   rank (a pure function of seed, step, metadata and planner state: no pixels move, no
-   collective, no driver);
+   deferred from earlier steps (``balance.schedule.plan_window``, as ``BalancedSchedule`` does),
+   and gets the same :class:`~stts_dist.balance.Plan` as every other rank (a pure function of
+   seed, step, metadata and planner state: no pixels move, no collective, no driver);
 3. generates / decodes only its own samples and collates them into one packed sequence
    (``SequenceBuilder``: per-sample ``seq_lengths``, no cross-sample attention).
 
@@ -36,6 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from stts_dist.balance import BalancePlanner, CostModel, Plan, SampleTable, balance_metrics
+from stts_dist.balance.schedule import plan_window
 from stts_dist.data.batch import SPECIAL_TOKENS
 from stts_dist.stts.budget import TokenBudget
 from stts_dist.train.data import DigitsDataset, EpochSampler, prefetching_batches
@@ -246,10 +248,9 @@ class BalancedSource:
         """Plan the next global step (identically on every rank); returns the plan and its metrics."""
         started = time.perf_counter()
         rows = np.asarray(self.sampler.next_batch(), dtype=np.int64)
-        pending = self.planner.deferred.index
-        if len(pending):                    # a deferred sample may come round again next epoch: once is enough
-            rows = rows[~np.isin(rows, pending)]
-        plan = self.planner.plan(self.next_step, self.table.take(rows))
+        # the source's step count (checkpointed as next_step), not the window's: the two differ once a
+        # run resumes with another window size
+        plan = plan_window(self.planner, self.table, self.next_step, rows)
         self.next_step += 1
         plan_ms = 1e3 * (time.perf_counter() - started)
         pool = self.table.take(np.concatenate([plan.sample_index, plan.deferred]))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stts_dist.balance import CandidateWindow
 from stts_dist.data.digits import make_sample
 
 
@@ -38,37 +39,36 @@ class DigitsDataset(Dataset):
 
 
 class EpochSampler:
-    """Yields batches of indices: epoch ``e`` = permutation(seed, e); state = (epoch, position)."""
+    """Yields batches of indices: epoch ``e`` = permutation(seed, e); state = (epoch, position).
+
+    The order is :class:`~stts_dist.balance.CandidateWindow`'s (one implementation, shared with
+    the balancer, so balanced and unbalanced runs draw the same samples). This class adds the
+    training sources' list API and keeps their checkpoint format ``{"epoch", "position", "seed",
+    "size"}``: the window's cursor as it is (the epoch advances when the next batch is drawn), so
+    checkpoints written before the sharing resume unchanged."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
         if size < batch_size:
             raise ValueError(f"dataset has {size} samples, fewer than one batch of {batch_size}")
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.epoch, self.position = 0, 0
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        self.windows = CandidateWindow(size, batch_size, seed)
 
     def next_batch(self) -> list[int]:
-        if self.position + self.batch_size > self.size:   # drop the ragged tail: equal batches
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order(self.epoch)
-        out = order[self.position:self.position + self.batch_size].tolist()
-        self.position += self.batch_size
-        return out
+        return self.windows.next_rows()[1].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": self.size}
+        w = self.windows
+        return {"epoch": w.cursor_epoch, "position": w.cursor_offset, "seed": w.seed, "size": w.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["size"] != self.size or state["seed"] != self.seed:
+        w = self.windows
+        if state["size"] != w.num_samples or state["seed"] != w.seed:
             raise ValueError(f"sampler state is for a dataset of {state['size']} samples / seed {state['seed']}, "
-                             f"this run has {self.size} / {self.seed}; resume with the same data config")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+                             f"this run has {w.num_samples} / {w.seed}; resume with the same data config")
+        w.seek(int(state["epoch"]), int(state["position"]))
 
 
 class _BatchIterable(torch.utils.data.IterableDataset):
