@@ -231,7 +231,9 @@ class BalanceConfig:
 
     Every rank plans each step from index metadata alone and runs one micro-batch (one packed
     sequence) per step; samples that do not fit a budget are deferred to the next step."""
-    enabled: bool = False
+    # null (auto): on when the run's clips vary in length and there are >= 2 data-parallel ranks
+    # (stts_dist/train/sources.py::resolve_balancing says which and why at start); true / false force it
+    enabled: Optional[bool] = None
     method: str = "kk"                  # kk | lpt | naive (naive: sample i -> rank i mod DP)
     max_llm_tokens_per_micro: int = 0   # LLM tokens of one rank's packed sequence; 0 = unbounded
     max_vit_frames_per_micro: int = 0   # frames one rank's ViT runs per step; 0 = unbounded

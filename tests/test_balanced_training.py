@@ -300,3 +300,36 @@ def test_metadata_that_disagrees_with_the_data_is_an_error(tmp_path):
     source.table = dataclasses.replace(source.table, text_tokens=source.table.text_tokens + 1)
     with pytest.raises(TokenCountMismatch, match="budgeted"):
         next(source.batches(1, _collate(cfg)))
+
+
+def test_auto_balancing_turns_on_exactly_when_clip_lengths_vary_over_several_ranks(tmp_path, monkeypatch):
+    from stts_dist.config import load_config
+    from stts_dist.train.sources import resolve_balancing
+
+    def resolved(dp_size, shard_dir=None, **ov):
+        cfg = load_config(None, tiny_overrides(**ov))
+        assert cfg.balance.enabled is None                       # the default: auto
+        why = resolve_balancing(cfg, shard_dir, dp_size)
+        return cfg.balance.enabled, why
+
+    assert resolved(2, **{"data.min_frames": 2, "data.num_frames": 12}) == (
+        True, "balancing on (auto: clips of 2-12 frames over 2 data-parallel ranks; balance.enabled=false turns it off)")
+    on, why = resolved(1, **{"data.min_frames": 2, "data.num_frames": 12})
+    assert not on and "one data-parallel rank" in why
+    on, why = resolved(2, **{"data.num_frames": 6})
+    assert not on and "every clip has 6 frames" in why
+    on, why = resolved(2, **{"data.min_frames": 2, "data.num_frames": 12, "model.stts.adaptive": True})
+    assert not on and "model.stts.adaptive" in why
+    forced = load_config(None, tiny_overrides(**{"balance.enabled": False, "data.min_frames": 2}))
+    assert resolve_balancing(forced, None, 2) == "balance.enabled=false (set in the config)" and forced.balance.enabled is False
+
+    # shards: the index's frame counts decide
+    import numpy as np
+    import data_pipeline.dataset_index as di
+
+    class FakeIndex:
+        frames = np.array([4, 9, 16])
+
+    monkeypatch.setattr(di, "load_index", lambda folder: FakeIndex())
+    on, why = resolved(4, tmp_path, **{"data.source": "shards", "data.path": str(tmp_path)})
+    assert on and "clips of 4-16 frames over 4" in why

@@ -127,6 +127,35 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
     return ensure_shards(manifest, work / f"digits_shards_{tag}", sharding_overrides(cfg))
 
 
+def resolve_balancing(cfg, shard_dir: Optional[Path], dp_size: int) -> str:
+    """Settle ``balance.enabled`` when the config leaves it null (auto) and return the one-line
+    reason. Auto turns the balancer on exactly when there is something to balance: the clips vary
+    in length (data.min_frames for the generated digits, the shard index's frame counts for
+    shards) and at least two data-parallel ranks share each batch. It stays off, saying why, when
+    the run asks for what the balancer cannot do (adaptive budgets, gradient accumulation)."""
+    b, d = cfg.balance, cfg.data
+    if b.enabled is not None:
+        return f"balance.enabled={str(b.enabled).lower()} (set in the config)"
+    if d.source == "digits":
+        lengths = (d.min_frames or d.num_frames, d.num_frames)
+    else:
+        from data_pipeline.dataset_index import load_index
+        frames = load_index(shard_dir).frames
+        lengths = (int(frames.min()), int(frames.max())) if len(frames) else (0, 0)
+    varies = lengths[0] != lengths[1]
+    spread = f"clips of {lengths[0]}-{lengths[1]} frames" if varies else f"every clip has {lengths[1]} frames"
+    if not varies or dp_size < 2:
+        b.enabled = False
+        why = spread if not varies else f"{spread} but one data-parallel rank"
+        return f"balancing off (auto: {why}; nothing to balance)"
+    if cfg.model.stts.adaptive or cfg.parallel.grad_accum_steps != 1:
+        b.enabled = False
+        what = "model.stts.adaptive" if cfg.model.stts.adaptive else "parallel.grad_accum_steps > 1"
+        return f"balancing off (auto: {spread}, but {what} is set, which the balancer does not plan for)"
+    b.enabled = True
+    return f"balancing on (auto: {spread} over {dp_size} data-parallel ranks; balance.enabled=false turns it off)"
+
+
 def build_source(cfg, budget: TokenBudget, dp_rank: int, dp_size: int, shard_dir: Optional[Path],
                  tokenizer: Any = None):
     """The run's training source; ``budget`` (the trainer's) fixes the token counts it checks / plans."""

@@ -24,7 +24,7 @@ from stts_dist.model.vlm import VideoVLM, build_model
 from stts_dist import checkpoint as ckpt
 from stts_dist.train.data import DigitsDataset
 from stts_dist.train.loop_callbacks import InjectedFault, loop_callbacks  # noqa: F401  (InjectedFault: callers catch it here)
-from stts_dist.train.sources import build_source, prepare_shards
+from stts_dist.train.sources import build_source, prepare_shards, resolve_balancing
 from stts_dist.train.stage0 import ensure_digits_vit
 from stts_dist.train.vocabulary import build_tokenizer
 from stts_dist.train.optim import build_optimizer, set_learning_rates
@@ -229,6 +229,7 @@ class Trainer:
         self.budget = self.model.budget
         self.builder = SequenceBuilder(self.tokenizer, self.budget, m.vit.image_size)
         d = cfg.data
+        self.log(f"[data] {resolve_balancing(cfg, shard_dir, self.dp_size)}")   # settles balance.enabled
         self.source = build_source(cfg, self.budget, self.dp_rank, self.dp_size, shard_dir, self.tokenizer)
         if d.source in DIGITS_SOURCES:    # the digits' eval split, with the training clip lengths
             split = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval",
