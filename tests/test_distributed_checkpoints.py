@@ -190,7 +190,7 @@ def test_eval_infer_and_pictures_open_a_distributed_run_and_its_consolidated_fil
     visualize_tokens on the run folder that DeepSpeed ranks wrote (merged on the fly), and on the
     .safetensors of tools/consolidate_checkpoint.py -- the same weights either way."""
     from stts_dist.checkpoint_io import CheckpointLoadError
-    from stts_dist.eval import run_eval
+    from stts_dist.eval.cli import run_eval
     from stts_dist.trained_model import open_trained_model
     out, ranks = tp2_run
     cfg, tokenizer, model, where = open_trained_model(out)

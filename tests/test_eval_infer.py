@@ -71,7 +71,7 @@ def _clip(path: Path, num_frames: int = 8, width: int = 64, height: int = 32) ->
 
 
 def _eval(run: Path, out: Path, *extra: str) -> dict:
-    from stts_dist.eval import run_eval
+    from stts_dist.eval.cli import run_eval
     return run_eval(["--checkpoint", str(run), "--out", str(out), "--quiet", *extra])
 
 
@@ -195,7 +195,7 @@ def test_eval_on_a_manifest_of_mp4_files(trained_run, tmp_path, monkeypatch):
 
 
 def test_ratio_for_budget_is_exact():
-    from stts_dist.eval import ratio_for_budget
+    from stts_dist.eval.settings import ratio_for_budget
     from stts_dist.stts.budget import llm_visual_tokens
     for g in (1, 4, 9, 81, 729):
         for t in (2, 3, 7, 16, 64):

@@ -69,7 +69,7 @@ def test_a_manifest_run_learns_its_words_and_is_evaluated_on_its_held_out_clips(
     assert abs(results["eval/unknown_word_share"] - 1 / (90 * 7 + 6 + 1)) < 0.02
     assert "answers contain one" in capsys.readouterr().out
 
-    from stts_dist.eval import run_eval
+    from stts_dist.eval.cli import run_eval
     rep = run_eval(["--checkpoint", str(tmp_path / "run"), "--data", f"manifest:{test}", "--methods", "scorer",
                     "--ratios", "0.5", "--tts-factor", "0", "--out", str(tmp_path / "eval"), "--quiet"])
     row = {r["setting"]: r for r in rep["rows"]}["scorer@0.5"]
