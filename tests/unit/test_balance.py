@@ -21,7 +21,7 @@ from stts_dist.balance.cost_model import TERM_COMPONENT, representative_shapes
 from stts_dist.balance.partition import greedy_lpt_budgeted, quantize_costs, repair_budgets, step_critical_path
 from stts_dist.stts.budget import llm_visual_tokens
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("bench_balance", ROOT / "tools" / "bench_balance.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -499,7 +499,7 @@ print(",".join(s.next_plan().signature() for _ in range(5)))
 
 
 def test_two_processes_compute_identical_plans():
-    code = _CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    code = _CHILD.format(root=str(ROOT), tests=str(Path(__file__).resolve().parent))
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONHASHSEED=hash_seed))   # no set/dict order may leak in
              for hash_seed in ("1", "2")]

@@ -130,7 +130,7 @@ def test_the_readme_walk_through_on_a_second_dataset_with_two_zero3_ranks(tmp_pa
     import subprocess
     import sys
     from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     venv = Path(sys.executable).parent
     # one thread per rank, as torchrun's own default (the suite's OMP_NUM_THREADS=2 would oversubscribe)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

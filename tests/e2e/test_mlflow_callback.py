@@ -22,7 +22,7 @@ from stts_dist.config import ConfigError, RunConfig, flatten, load_config
 from stts_dist.tracking import RUN_ID_STATE_KEY, MLflowCallback, TrackingConfig
 from stts_dist.tracking.mlflow_callback import batched, metric_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOGGER = "stts_dist.tracking.mlflow_callback"
 
 

@@ -236,7 +236,7 @@ def test_infer_answers_a_batch_and_keeps_the_formula_count(trained_run, tmp_path
 # --------------------------------------------------------------------------------------------- pictures
 def _load_tool():
     spec = importlib.util.spec_from_file_location("visualize_tokens",
-                                                  Path(__file__).resolve().parents[1] / "tools" / "visualize_tokens.py")
+                                                  Path(__file__).resolve().parents[2] / "tools" / "visualize_tokens.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -23,7 +23,7 @@ from stts_dist.tokenizer import default_tokenizer
 from tests.conftest import tiny_overrides
 from tests.dist_utils import run_distributed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_7B = REPO / "jobs" / "train_7b.yaml"
 PARTS = ("vit", "connector", "scorer", "llm")
 

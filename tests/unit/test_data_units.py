@@ -83,7 +83,7 @@ def test_sharding_config_errors_name_key():
         load_sharding_config(None, ["manifest=m", "out_dir=o", "max_frames=many"])
     with pytest.raises(ConfigError, match="frame_format='png' must be one of"):
         load_sharding_config(None, ["manifest=m", "out_dir=o", "frame_format=png"])
-    cfg = load_sharding_config(Path(__file__).parents[1] / "jobs" / "build_shards.yaml", ["num_cpus=3"])
+    cfg = load_sharding_config(Path(__file__).parents[2] / "jobs" / "build_shards.yaml", ["num_cpus=3"])
     assert (cfg.num_cpus, cfg.frame_format, cfg.target_shard_bytes) == (3, "jpeg", 256 * 1024 * 1024)
 
 

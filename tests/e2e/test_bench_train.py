@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "bench_train.py"
 PHASES = ("loader", "forward", "backward", "optimizer", "comm", "logging", "other")
 

@@ -1,6 +1,6 @@
 """The real trainer under DeepSpeed ZeRO-3 x megatron TP on gloo CPU ranks against the
 single-process model: the same losses, and parameters really partitioned over the ranks.
-(Exact resume, consolidation and the no-hang cases: tests/test_distributed_checkpoints.py.)"""
+(Exact resume, consolidation and the no-hang cases: tests/multiprocess/test_distributed_checkpoints.py.)"""
 import math
 
 import pytest

@@ -19,7 +19,7 @@ from stts_dist.weights.folder import SafetensorsFolder, WeightsError, write_fold
 from stts_dist.weights.hf_llm import export_hf_llm, llm_config_from_hf, load_hf_llm
 from stts_dist.weights.hf_vit import export_hf_vit, load_hf_vit, vit_config_from_hf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 97  # odd: TP=2 must pad the vocabulary table
 
 

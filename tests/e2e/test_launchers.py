@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from stts_dist.launch.ray_launcher import WorkerPlacement, assign_ranks, resolve_spec
-from tests.test_local_slurm import local_slurm  # noqa: F401  (session fixture: a running local cluster)
+from test_local_slurm import local_slurm  # noqa: F401  (session fixture: a running local cluster)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SLURM_7B = REPO / "slurm" / "train_7b.sh"
 SUBMIT = REPO / "jobs" / "submit.py"

@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_overrides
 from stts_dist.faults import SAMPLE_LOG_ENV, compare_timelines, surviving_timeline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(out_dir: Path, **extra):

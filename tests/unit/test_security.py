@@ -2,7 +2,7 @@
 
 - Shards: members other than json/txt/frames (``.pickle``, ``.pyd``) are refused by name before
   any byte is decoded. The loader over a Ray-built shard with a ``.pyd`` member is tested in
-  ``tests/test_data_pipeline.py::test_pickle_member_is_rejected_and_never_executed``; here a
+  ``tests/e2e/test_data_pipeline.py::test_pickle_member_is_rejected_and_never_executed``; here a
   hand-made shard folder covers ``.pickle`` and ``.pyd`` without Ray.
 - Checkpoints: ``state.pt`` and DeepSpeed's files are read with ``torch.load(weights_only=True)``;
   a pickle that would create a file is refused with a CheckpointError and the file never appears,
@@ -33,7 +33,7 @@ import torch
 
 from conftest import tiny_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _TouchOnUnpickle:

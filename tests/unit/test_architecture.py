@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grimp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _graph():

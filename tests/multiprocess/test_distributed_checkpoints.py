@@ -21,7 +21,7 @@ from dist_utils import DistributedFailure, run_distributed
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TP2_STEPS = 4
 RESUME_STEPS, KILL_AFTER = 6, 3
 

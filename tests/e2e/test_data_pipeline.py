@@ -361,7 +361,7 @@ def test_rerun_with_other_config_is_refused_and_ensure_shards_reuses(built):
 def test_cli_npy_frames_are_lossless_and_blend_with_jpeg(built, tmp_path, capsys):
     synth = built.root / "synth" / "manifest.jsonl"
     out = tmp_path / "npy"
-    job = Path(__file__).parents[1] / "jobs" / "build_shards.yaml"
+    job = Path(__file__).parents[2] / "jobs" / "build_shards.yaml"
     rc = build_main(["--config", str(job), *sharding_overrides(synth, out, "frame_format=npy",
                                                                                "samples_per_shard=4")])
     assert rc == 0
