@@ -205,19 +205,9 @@ def run_rounds(args, cases: list[Case], tmp: Path) -> int:
 # the FLOP ideal (tools/bench_stts.py's flop_ratio over stts_dist/flops.py)
 
 def _bench_stts():
-    """``tools/bench_stts.py`` as a module. It re-executes the process to tune glibc's allocator
-    unless ``MALLOC_MMAP_MAX_=0``; the variable only matters at process start, so it is set for the
-    import and restored."""
+    """``tools/bench_stts.py`` as a module (importing it restarts nothing)."""
     sys.path.insert(0, str(ROOT / "tools"))
-    saved = os.environ.get("MALLOC_MMAP_MAX_")
-    os.environ["MALLOC_MMAP_MAX_"] = "0"
-    try:
-        import bench_stts
-    finally:
-        if saved is None:
-            del os.environ["MALLOC_MMAP_MAX_"]
-        else:
-            os.environ["MALLOC_MMAP_MAX_"] = saved
+    import bench_stts
     return bench_stts
 
 

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("MALLOC_MMAP_MAX_", "0")            # bench_stts re-executes itself without it
-os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "100000000000")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
@@ -32,7 +29,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench_stts import FrameCase, flop_ratio  # noqa: E402
+from bench_stts import FrameCase, flop_ratio, reexec_with_tuned_allocator  # noqa: E402
 from stts_dist.config import load_config  # noqa: E402
 from stts_dist.model.vlm import build_model  # noqa: E402
 from stts_dist.tokenizer import default_tokenizer  # noqa: E402
@@ -100,4 +97,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_tuned_allocator()     # time the model as tools/bench_stts.py does
     sys.exit(main())
