@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from data_pipeline.shard_io import atomic_write_bytes
+from stts_dist.data.digits import clip_frames
 
 SampleFn = Callable[..., dict[str, Any]]
 
@@ -59,11 +60,13 @@ def default_sample_fn() -> SampleFn:
 
 def write_synthetic(out: str | Path, num: int, frames: int, image_size: int, seed: int,
                     tasks: list[str] | None = None, split: str = "train",
-                    sample_fn: SampleFn | None = None) -> Path:
+                    sample_fn: SampleFn | None = None, min_frames: int = 0) -> Path:
     """Write ``num`` mp4 files under ``out/videos`` and ``out/manifest.jsonl``; returns the manifest path.
 
     ``sample_fn(index, seed, num_frames, image_size, tasks, split=...)`` returns
-    ``{"frames": (T,H,W,3) uint8, "question", "answer", "id", "task", "fps"}``."""
+    ``{"frames": (T,H,W,3) uint8, "question", "answer", "id", "task", "fps"}``. With
+    ``min_frames`` the clips vary in length, ``min_frames`` .. ``frames``, by the same seeded rule
+    as the in-memory digits (``stts_dist.data.digits.clip_frames``)."""
     if num < 1 or frames < 1 or image_size < 2:
         raise ValueError(f"need num >= 1, frames >= 1, image_size >= 2 (got {num}, {frames}, {image_size})")
     sample_fn = sample_fn or default_sample_fn()
@@ -74,7 +77,7 @@ def write_synthetic(out: str | Path, num: int, frames: int, image_size: int, see
     (out / "videos").mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(num):
-        sample = sample_fn(index, seed, frames, image_size, tasks, split=split)
+        sample = sample_fn(index, seed, clip_frames(index, seed, frames, min_frames), image_size, tasks, split=split)
         rel = f"videos/{sample['id']}.mp4"
         write_mp4(out / rel, sample["frames"], float(sample["fps"]))
         lines.append(json.dumps({"video": rel, "question": sample["question"], "answer": sample["answer"],
@@ -90,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (videos/ and manifest.jsonl)")
     p.add_argument("--num", type=int, required=True, help="number of videos")
-    p.add_argument("--frames", type=int, default=8, help="frames per video")
+    p.add_argument("--frames", type=int, default=8, help="frames per video (the most, with --min-frames)")
+    p.add_argument("--min-frames", type=int, default=0, help="> 0: videos of a seeded length in [min-frames, frames]")
     p.add_argument("--image-size", type=int, default=64, help="frame width and height in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default="", help="comma-separated subset of tasks (default: all)")
     p.add_argument("--split", default="train", choices=("train", "eval"))
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t] or None
-    manifest = write_synthetic(args.out, args.num, args.frames, args.image_size, args.seed, tasks, args.split)
+    manifest = write_synthetic(args.out, args.num, args.frames, args.image_size, args.seed, tasks, args.split,
+                               min_frames=args.min_frames)
     print(json.dumps({"manifest": str(manifest), "videos": args.num}))
     return 0
 

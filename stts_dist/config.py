@@ -135,7 +135,7 @@ class DataConfig:
     fps: float = 0.0              # frame sampling when sharding videos; 0 = every native frame
     shard_cpus: int = 0           # CPUs of the local Ray sharding job; 0 = all
     num_frames: int = 8
-    min_frames: int = 0           # >0: videos of random length in [min_frames, num_frames]
+    min_frames: int = 0           # digits sources, >0: clips of a seeded length in [min_frames, num_frames]
     train_samples: int = 4000
     eval_samples: int = 256
     # the trainer's held-out data for source=manifest|shards: a manifest (.jsonl, same format as
@@ -187,6 +187,9 @@ class TrainConfig:
     # also evaluated at every ratio > 0 above, next to model.stts.method (e.g. [random]: the
     # accuracy and object recall of random selection at the same budget)
     eval_methods: list[str] = field(default_factory=list)
+    # CPU ranks: glibc keeps large freed blocks for the next step instead of unmapping them
+    # (stts_dist/host_allocator.py; without it every step page-faults its big tensors afresh)
+    keep_freed_host_memory: bool = True
 
 
 @dataclass
@@ -454,7 +457,9 @@ def validate(cfg: Any) -> None:
                                                          or pre.digits_vit_max_digits == 1),
                f"model.pretrained.digits_vit_max_digits={pre.digits_vit_max_digits}: 1 for the 'frame' objective "
                "(one digit named per frame), 1-3 for 'dense'")
-    _check(d.min_frames <= d.num_frames, f"data.min_frames={d.min_frames} must be <= data.num_frames={d.num_frames}")
+    _check(d.min_frames <= d.num_frames,
+           f"data.min_frames={d.min_frames} must be <= data.num_frames={d.num_frames}: lower it too "
+           f"(data.min_frames=0 makes every generated clip data.num_frames long)")
     # Every video must be able to keep its whole first frame: int(G*r*T) <= G*(T-1).
     if s.method != "none" and s.prune_ratio > 0 and d.num_frames > 1:
         T = max(d.min_frames, 2) if d.min_frames else d.num_frames

@@ -14,7 +14,7 @@ def tiny_overrides(**extra):
         "model.vit.heads": 2, "model.vit.mlp_dim": 64, "model.connector.pool_size": 2, "model.connector.pool_heads": 2,
         "model.llm.hidden": 32, "model.llm.layers": 2, "model.llm.heads": 4, "model.llm.kv_heads": 2,
         "model.llm.ffn": 64, "model.stts.prune_at": 1, "model.stts.scorer_hidden": 32, "model.stts.scorer_heads": 2,
-        "data.num_frames": 4, "data.train_samples": 64, "data.eval_samples": 8, "data.num_workers": 0,
+        "data.num_frames": 4, "data.min_frames": 0, "data.train_samples": 64, "data.eval_samples": 8, "data.num_workers": 0,
         "train.batch_size": 4, "train.progress_bar": False, "train.log_every": 1000, "tracking.enabled": False,
     }
     ov.update(extra)

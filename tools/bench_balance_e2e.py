@@ -240,7 +240,7 @@ def ratio_check(args) -> dict:
     from stts_dist.stts.budget import TokenBudget
     from stts_dist.train.balanced_source import digits_text_tokens, sample_table
     from stts_dist.train.data import DigitsDataset
-    from stts_dist.train.trainer import LocalTrainModule
+    from stts_dist.train.train_module import LocalTrainModule
 
     torch.set_num_threads(1)
     tok = default_tokenizer()

@@ -29,7 +29,9 @@ Modes (the last stdout line is one JSON object; progress goes to stderr):
   from the project's FLOP model (``stts_dist/flops.py`` through ``tools/bench_stts.py``'s
   ``flop_ratio``, on one batch of the config's size, with the scorer's real keep mask of a model
   at initialisation); ``phase_shares_*`` sum to 1. ``--double-frames`` adds a second pair at
-  twice ``data.num_frames`` (``*_2x`` keys).
+  twice ``data.num_frames`` (``*_2x`` keys). ``--compare-host-memory`` runs every pair a second
+  time with ``train.keep_freed_host_memory=false`` (glibc's default malloc, which unmaps large
+  freed blocks; ``*_glibc_default`` keys), interleaved with the rest.
 * ``--variable-length``: clips of ``data.min_frames=--min-frames`` .. ``data.num_frames`` frames,
   pruned, balancer (``balance.enabled``) off vs on. Per setting: step time, and the time blocked
   in collectives per step of the rank that waited most (``wait_s_max_rank``: it finished its
@@ -60,6 +62,8 @@ sys.path.insert(0, str(ROOT))
 PHASES = ("loader", "forward", "backward", "optimizer", "comm", "logging", "other")   # phase_timer.PHASES
 PHASE_ENV = "STTS_PHASE_TIMES"                                                      # phase_timer.ENV
 INJECTED = "InjectedFault"
+HOST_MEMORY_KEY = "train.keep_freed_host_memory"      # stts_dist/host_allocator.py
+HOST_DEFAULT_SUFFIX = "_glibc_default"
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                "TORCHELASTIC_RUN_ID", "STTS_LAUNCHER", "STTS_SAMPLE_LOG")
 
@@ -78,8 +82,9 @@ def _free_port() -> int:
 # one training run
 
 def run_overrides(args, out_dir: Path, method: str, frames: Optional[int], balance: bool,
-                  min_frames: Optional[int] = None) -> list[str]:
-    """Defaults the user's trailing overrides may change, the user's, then the benchmark's own."""
+                  min_frames: Optional[int] = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """Defaults the user's trailing overrides may change, the user's, the setting's ``extra``,
+    then the benchmark's own."""
     steps = args.warmup + args.steps
     defaults = [f"parallel.engine={args.engine}", "tracking.enabled=false", "train.log_every=1000000",
                 "train.progress_bar=false"]
@@ -92,7 +97,7 @@ def run_overrides(args, out_dir: Path, method: str, frames: Optional[int], balan
         forced.append(f"data.num_frames={frames}")
     if min_frames is not None:
         forced.append(f"data.min_frames={min_frames}")
-    return defaults + list(args.overrides) + forced
+    return defaults + list(args.overrides) + list(extra) + forced
 
 
 def launch(args, out_dir: Path, overrides: list[str]) -> Path:
@@ -160,8 +165,9 @@ class Case:
     """One setting (e.g. pruned at T frames): its runs' steady-state rows, round by round."""
 
     def __init__(self, name: str, method: str, frames: Optional[int], balance: bool,
-                 min_frames: Optional[int] = None):
+                 min_frames: Optional[int] = None, extra: tuple[str, ...] = ()):
         self.name, self.method, self.frames, self.balance, self.min_frames = name, method, frames, balance, min_frames
+        self.extra = extra
         self.rounds: list[list[dict]] = []
 
     @property
@@ -190,7 +196,7 @@ def run_rounds(args, cases: list[Case], tmp: Path) -> int:
             out_dir = tmp / f"r{rnd}_{case.name}"
             t0 = time.perf_counter()
             train_log = launch(args, out_dir, run_overrides(args, out_dir, case.method, case.frames,
-                                                            case.balance, case.min_frames))
+                                                            case.balance, case.min_frames, case.extra))
             rows = read_steps(train_log, args.warmup, args.steps)
             case.rounds.append(rows)
             world = int(rows[0]["phase/ranks"])
@@ -263,28 +269,38 @@ def bench_pruning(args, tmp: Path) -> dict[str, Any]:
     frames = args.frames or cfg.data.num_frames
     frame_counts = [frames, 2 * frames] if args.double_frames else [frames]
     balance = args.balance == "on"
-    cases = []
+    # (key suffix, overrides) of each allocator setting; the trainer's default first
+    variants = [("", ())] + ([(HOST_DEFAULT_SUFFIX, (f"{HOST_MEMORY_KEY}=false",))] if args.compare_host_memory else [])
+    pairs = []      # (key suffix, frames, unpruned case, pruned case)
     for i, f in enumerate(frame_counts):
-        sfx = "" if i == 0 else "_2x"
-        cases += [Case(f"unpruned{sfx}", "none", f, balance), Case(f"pruned{sfx}", args.pruned_method, f, balance)]
+        for vsfx, extra in variants:
+            sfx = ("" if i == 0 else "_2x") + vsfx
+            pairs.append((sfx, f, Case(f"unpruned{sfx}", "none", f, balance, extra=extra),
+                          Case(f"pruned{sfx}", args.pruned_method, f, balance, extra=extra)))
+    cases = [c for _, _, none, pruned in pairs for c in (none, pruned)]
     world = run_rounds(args, cases, tmp)
     ideals = flop_ideal(args, frame_counts, args.pruned_method)    # after the runs: no memory held during them
     result: dict[str, Any] = {"mode": "pruned_vs_unpruned", "frames": frames, "world_size": world,
                               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                               "prune_ratio": cfg.model.stts.prune_ratio, "pruned_method": args.pruned_method,
                               "balance": args.balance}
-    for i, f in enumerate(frame_counts):
-        sfx = "" if i == 0 else "_2x"
-        none, pruned = cases[2 * i], cases[2 * i + 1]
+    for sfx, f, none, pruned in pairs:
+        i = frame_counts.index(f)
         part: dict[str, Any] = {
             "train_speedup_e2e": statistics.median(none.step_times()) / statistics.median(pruned.step_times()),
             "train_speedup_e2e_paired": statistics.median(a / b for a, b in zip(none.round_medians(),
                                                                                 pruned.round_medians())),
             "flop_ideal_speedup": ideals[i],
             **none.summary("unpruned"), **pruned.summary("pruned")}
+        part["ratio_of_ideal"] = part["train_speedup_e2e"] / ideals[i]
         if i:
             part["frames"] = f
         result.update({f"{k}{sfx}": v for k, v in part.items()})
+    if args.compare_host_memory:    # what keeping freed blocks buys each method (default malloc / kept)
+        for sfx in ("", "_2x")[:len(frame_counts)]:
+            for tag in ("unpruned", "pruned"):
+                result[f"host_memory_speedup_{tag}{sfx}"] = (result[f"step_s_{tag}_median{sfx}{HOST_DEFAULT_SUFFIX}"]
+                                                             / result[f"step_s_{tag}_median{sfx}"])
     return result
 
 
@@ -337,6 +353,9 @@ def parse_args(argv=None):
     ap.add_argument("--frames", type=int, default=0, help="data.num_frames (0: the config's)")
     ap.add_argument("--balance", choices=("on", "off"), default="off", help="balance.enabled for both methods")
     ap.add_argument("--double-frames", action="store_true", help="also a pair at 2x the frames (*_2x keys)")
+    ap.add_argument("--compare-host-memory", action="store_true",
+                    help=f"also every pair with {HOST_MEMORY_KEY}=false (glibc's default malloc; "
+                         f"*{HOST_DEFAULT_SUFFIX} keys)")
     ap.add_argument("--variable-length", action="store_true",
                     help="clips of --min-frames..frames, pruned, balancer off vs on")
     ap.add_argument("--min-frames", type=int, default=4, help="data.min_frames for --variable-length")

@@ -59,3 +59,14 @@ def balance_metrics(plan, metas: SampleTable | Sequence[SampleMeta], cost_model:
     out["balance/deferred"] = float(len(plan.deferred))
     out["balance/micro_batches"] = float(plan.micro_batches)
     return out
+
+
+def in_order_imbalance(table: SampleTable, indices: np.ndarray, num_ranks: int, cost_model: Optional[CostModel]) -> float:
+    """:func:`cost_imbalance` of the samples ``indices`` (shape ``(n,)``, the table's ``index``
+    values) split the way an unbalanced run splits its batch: rank ``r`` takes
+    ``indices[r::num_ranks]``, one micro-step. The counterfactual the balancer's own
+    ``cost_imbalance`` is compared with."""
+    t = table.take(table.rows_of(np.asarray(indices, dtype=np.int64)))
+    cost = cost_model.costs(t) if cost_model is not None else t.llm_tokens.astype(np.float64)
+    per_rank = np.array([cost[r::num_ranks].sum() for r in range(num_ranks)], dtype=np.float64)
+    return cost_imbalance(per_rank[:, None])

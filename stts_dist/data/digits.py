@@ -134,6 +134,16 @@ def sprite_size(image_size: int) -> int:
     return max(8, int(round(image_size * 0.34)))
 
 
+def clip_frames(index: int, seed: int, num_frames: int, min_frames: int = 0) -> int:
+    """Frames of clip ``index``: ``num_frames``, or with ``min_frames`` set (0 < min_frames <
+    num_frames) a seeded length in ``[min_frames, num_frames]``. One rule for the clips generated
+    in memory and the mp4 clips written for sharding, so both sources hold the same videos."""
+    if not min_frames or min_frames >= num_frames:
+        return num_frames
+    rng = np.random.default_rng([seed, index, 7])
+    return int(rng.integers(min_frames, num_frames + 1))
+
+
 def make_sample(index: int, seed: int, num_frames: int, image_size: int,
                 tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, split: str = "train",
                 style: str = "mnist") -> dict[str, Any]:

@@ -34,15 +34,24 @@ class VisualTokenMismatch(ValueError):
 
 
 class VLMOutput(dict):
-    """``loss`` (lm_loss + weight * aux_loss), ``lm_loss`` (mean CE over answer tokens),
-    ``aux_loss`` (temporal novelty loss, 0 unless method scorer) -- all with graph -- and
-    ``metrics`` (floats). A dict, so DeepSpeed ZeRO-3 finds the output tensors and hooks their
-    backward; the ViT details ride along as the attribute ``vit`` (not an item)."""
+    """``loss`` (:meth:`training_loss` at scale 1), ``lm_loss`` (mean CE over answer tokens),
+    ``aux_loss`` (temporal novelty loss, 0 unless method scorer) -- all scalar tensors with graph
+    -- and ``metrics`` (floats). A dict, so DeepSpeed ZeRO-3 finds the output tensors and hooks
+    their backward; the ViT details and the aux weight ride along as attributes (not items)."""
 
-    def __init__(self, loss: torch.Tensor, lm_loss: torch.Tensor, aux_loss: torch.Tensor,
+    def __init__(self, lm_loss: torch.Tensor, aux_loss: torch.Tensor, aux_weight: float,
                  metrics: Optional[dict] = None, vit: Optional[ViTResult] = None):
-        super().__init__(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, metrics=metrics or {})
+        self.aux_weight = aux_weight
+        super().__init__(loss=self.training_loss(lm_loss, aux_loss), lm_loss=lm_loss, aux_loss=aux_loss,
+                         metrics=metrics or {})
         self.vit = vit
+
+    def training_loss(self, lm_loss, aux_loss, lm_scale: float = 1.0):
+        """The one place the objective is composed: ``lm_scale * lm_loss + aux_weight * aux_loss``.
+        ``lm_scale`` rescales a rank's local LM mean to its share of the global batch's answer
+        tokens (the distributed module's normalisation); 1 in one process. Call with this
+        output's own ``lm_loss`` / ``aux_loss`` tensors, or floats (reduced values, for logging)."""
+        return lm_loss * lm_scale + self.aux_weight * aux_loss
 
     def __getattr__(self, name: str):
         try:
@@ -170,8 +179,8 @@ class VideoVLM(nn.Module):
         plan = VarlenPlan.build(batch.seq_lengths, embeds.device, causal=True, backend=settings.attention_backend)
         hidden = self.llm.forward_hidden(embeds, batch.positions, plan)
         lm_loss = self.llm.loss(hidden, batch.labels)
-        w = self.cfg.stts.aux_loss_weight if aux_weight is None else aux_weight
-        loss = lm_loss + w * res.aux_loss if batch.budget.method == "scorer" else lm_loss + res.aux_loss
+        # the novelty loss exists (and is weighted) only when the scorer selects; 0 otherwise
+        w = (self.cfg.stts.aux_loss_weight if aux_weight is None else aux_weight) if batch.budget.method == "scorer" else 0.0
         n = max(batch.size, 1)
         metrics = {
             "vit_tokens_before": 0 if dummy else res.tokens_before / n,
@@ -179,7 +188,7 @@ class VideoVLM(nn.Module):
             "llm_visual_tokens": 0 if dummy else int(res.keep.sum()) / n,
             "llm_tokens": sum(batch.seq_lengths) / n,
         }
-        return VLMOutput(loss, lm_loss, res.aux_loss, metrics, res)
+        return VLMOutput(lm_loss, res.aux_loss, w, metrics, res)
 
 
 def build_model(cfg, tokenizer) -> VideoVLM:

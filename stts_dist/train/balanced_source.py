@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from stts_dist.balance import BalancePlanner, CostModel, Plan, SampleTable, balance_metrics
+from stts_dist.balance import BalancePlanner, CostModel, Plan, SampleTable, balance_metrics, in_order_imbalance
 from stts_dist.balance.schedule import plan_window
 from stts_dist.data.batch import SPECIAL_TOKENS
 from stts_dist.stts.budget import TokenBudget
@@ -255,6 +255,10 @@ class BalancedSource:
         plan_ms = 1e3 * (time.perf_counter() - started)
         pool = self.table.take(np.concatenate([plan.sample_index, plan.deferred]))
         metrics = balance_metrics(plan, pool, self.planner.cost_model)
+        # the step's samples split without balancing (rank r takes every R-th, in row order, which
+        # is as random in length as the sampler's order): the end-of-run summary's comparison
+        metrics["balance/cost_imbalance_in_order"] = in_order_imbalance(
+            self.table, np.sort(plan.sample_index), self.planner.num_ranks, self.planner.cost_model)
         metrics["balance/plan_ms"] = plan_ms
         return plan, metrics
 

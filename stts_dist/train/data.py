@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stts_dist.balance import CandidateWindow
-from stts_dist.data.digits import make_sample
+from stts_dist.data.digits import clip_frames, make_sample
 
 
 class DigitsDataset(Dataset):
@@ -28,10 +28,7 @@ class DigitsDataset(Dataset):
         return self.size
 
     def frames_for(self, index: int) -> int:
-        if not self.min_frames or self.min_frames >= self.num_frames:
-            return self.num_frames
-        rng = np.random.default_rng([self.seed, index, 7])
-        return int(rng.integers(self.min_frames, self.num_frames + 1))
+        return clip_frames(index, self.seed, self.num_frames, self.min_frames)
 
     def __getitem__(self, index: int) -> dict:
         return make_sample(index, self.seed, self.frames_for(index), self.image_size, self.tasks, self.split,

@@ -1,7 +1,7 @@
 """The distributed "train module": the VLM with megatron-core TP inside a DeepSpeed ZeRO engine.
 
-Same interface as ``stts_dist.train.trainer.LocalTrainModule`` (train_step / save_into /
-load_from), so the training loop does not know which one it drives.
+Implements ``stts_dist.train.train_module.TrainModule`` (train_step / save_into / load_from /
+close), like ``LocalTrainModule`` beside it, so the training loop does not know which one it drives.
 
 Loss normalisation: the LM loss is a mean over the answer tokens of the GLOBAL batch. Each rank
 scales its local mean by ``local_tokens * DP / global_tokens`` (one all-reduce of a count), so
@@ -87,15 +87,14 @@ class DistributedTrainModule:
         n_global = n_local.clone()
         dist.all_reduce(n_global, group=self.dp_group)
         scale = float(n_local) * self.dp_size / max(float(n_global), 1.0)
-        w = self.cfg.model.stts.aux_loss_weight if batch.budget.method == "scorer" else 0.0
-        loss = out.lm_loss * scale + w * out.aux_loss
+        loss = out.training_loss(out.lm_loss, out.aux_loss, lm_scale=scale)
         with phase("backward"):
             self.engine.backward(loss)
         with phase("optimizer"):
             self.engine.step()
         gnorm = self.engine.get_global_grad_norm()
         lm, aux = self._global_means(float(out.lm_loss.detach()) * scale, float(out.aux_loss.detach()))
-        m = {"loss": lm + w * aux, "lm_loss": lm, "aux_loss": aux,
+        m = {"loss": out.training_loss(lm, aux), "lm_loss": lm, "aux_loss": aux,
              "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
              "lr": lrs.get("llm", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
         m.update(out.metrics)

@@ -1,6 +1,6 @@
 """The training loop. Cross-cutting concerns (logging, tracking) are callbacks; the model,
-optimizer and any parallel engine live in a "train module" (``LocalTrainModule`` here; the
-distributed one in ``stts_dist.distributed``)."""
+optimizer and any parallel engine live in a "train module" (``stts_dist.train.train_module``: one
+interface, a local and a distributed implementation)."""
 from __future__ import annotations
 
 import json
@@ -19,61 +19,17 @@ from stts_dist.data.batch import SequenceBuilder
 from stts_dist.device import resolve_device
 from stts_dist.evaluation import evaluate
 from stts_dist.plots import plot_accuracy_vs_tokens, rows_from_trainer_eval
+from stts_dist.host_allocator import keep_freed_blocks
 from stts_dist.heldout import describe_unknown_words, run_heldout_source, unknown_word_report
-from stts_dist.model.vlm import VideoVLM, build_model
+from stts_dist.model.vlm import VideoVLM
 from stts_dist import checkpoint as ckpt
 from stts_dist.train.data import DigitsDataset
 from stts_dist.train.loop_callbacks import InjectedFault, loop_callbacks  # noqa: F401  (InjectedFault: callers catch it here)
 from stts_dist.train.sources import build_source, prepare_shards, resolve_balancing
 from stts_dist.train.stage0 import ensure_digits_vit
+from stts_dist.train.train_module import build_train_module, uses_distributed_engine
 from stts_dist.train.vocabulary import build_tokenizer
-from stts_dist.train.optim import build_optimizer, set_learning_rates
 from stts_dist.train import phase_timer
-from stts_dist.weights.finetune import load_pretrained_weights
-
-
-class LocalTrainModule:
-    """Single-process model + AdamW: forward, backward, clip, step."""
-
-    def __init__(self, model: VideoVLM, cfg, device: torch.device):
-        self.model = model.to(device)
-        self.cfg = cfg
-        self.device = device
-        self.optimizer = build_optimizer(model, cfg.optim)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-            device.type == "cuda" and cfg.train.dtype in ("auto", "bf16")) else None
-
-    def train_step(self, batch, step: int, generator: torch.Generator) -> dict[str, float]:
-        lrs = set_learning_rates(self.optimizer, step, self.cfg.train.steps, self.cfg.optim)
-        self.model.train()
-        if self.autocast:
-            with self.autocast:
-                out = self.model(batch, generator=generator)
-        else:
-            out = self.model(batch, generator=generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        clip = self.cfg.optim.grad_clip
-        # 0 disables clipping (as in DeepSpeed); the norm is still measured for logging
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        m = {"loss": float(out.loss.detach()), "lm_loss": float(out.lm_loss.detach()), "aux_loss": float(out.aux_loss.detach()),
-             "grad_norm": float(gnorm), "lr": lrs.get("llm", 0.0), "lr_scorer": lrs.get("scorer", 0.0)}
-        m.update(out.metrics)
-        return m
-
-    def save_into(self, folder: Path, trainer_state: dict) -> None:
-        ckpt.save_torch({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **trainer_state},
-                        folder / "state.pt")
-
-    def load_from(self, folder: Path) -> dict:
-        state = ckpt.load_torch(folder / "state.pt")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state
-
-    def close(self) -> None:
-        """Nothing to release in one process (the distributed module drops its process groups)."""
 
 
 class ConsoleLogger:
@@ -113,27 +69,6 @@ class ConsoleLogger:
 class Preempted(Exception):
     """SIGTERM/SIGUSR1 arrived; a checkpoint was written. Exit code 143 tells launchers to requeue."""
     exit_code = 143
-
-
-def uses_distributed_engine(cfg) -> bool:
-    """DeepSpeed ZeRO + megatron TP when launched on several ranks (torchrun / srun / Ray set
-    WORLD_SIZE) or when ``parallel.engine=deepspeed``; single-process torch otherwise."""
-    engine = cfg.parallel.engine
-    if engine == "auto":
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return engine == "deepspeed"
-
-
-def build_train_module(cfg, tokenizer, device: torch.device):
-    """Single-process torch, or DeepSpeed ZeRO + megatron TP (:func:`uses_distributed_engine`)."""
-    if not uses_distributed_engine(cfg):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError("parallel.engine=local cannot run on several ranks; use parallel.engine=auto or deepspeed")
-        model = build_model(cfg.model, tokenizer)
-        load_pretrained_weights(model, cfg.model.pretrained)
-        return LocalTrainModule(model, cfg, device)
-    from stts_dist.train.distributed_module import DistributedTrainModule
-    return DistributedTrainModule(cfg, tokenizer)
 
 
 class EvalHistory:
@@ -209,6 +144,7 @@ class Trainer:
         self.last_batch_ids: list[str] = []
         self._bar: Any = None             # the rank-0 progress bar while fit() runs
         self.device = resolve_device(cfg.train.device)
+        host_allocator = keep_freed_blocks() if self.device.type == "cpu" and cfg.train.keep_freed_host_memory else None
         torch.manual_seed(cfg.train.seed)
         # stage 0 (the digit-reading ViT) belongs to the digits task; a user's data starts from
         # model.pretrained.vit_path (or from scratch)
@@ -220,6 +156,8 @@ class Trainer:
         self.dp_rank = getattr(self.module, "dp_rank", 0)
         self.dp_size = getattr(self.module, "dp_size", 1)
         self.is_rank0 = self.rank == 0
+        if host_allocator:
+            self.log(f"[host] {host_allocator}")
         if cfg.train.batch_size % self.dp_size:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} (global) must be divisible by the "
                              f"data-parallel size {self.dp_size}")

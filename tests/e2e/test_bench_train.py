@@ -106,3 +106,39 @@ def test_phase_timer_off_is_inert():
     with t.phase("forward"):
         pass
     assert t.collect() == {} and t.totals == {}
+
+
+def test_host_memory_comparison_keys_and_ratios_from_known_step_times(tmp_path, monkeypatch):
+    """--compare-host-memory --double-frames: every (frames, allocator) pair is run and keyed, and
+    the ratios are the medians' quotients. ``launch`` is replaced by one that writes a train_log
+    with known step times per setting, so the arithmetic is checked without training."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_train
+
+    # step seconds by (method, frames, keeps freed memory)
+    seconds = {("none", 4, True): 8.0, ("scorer", 4, True): 4.0, ("none", 4, False): 12.0, ("scorer", 4, False): 5.0,
+               ("none", 8, True): 16.0, ("scorer", 8, True): 7.0, ("none", 8, False): 20.0, ("scorer", 8, False): 8.0}
+    launched = []
+
+    def fake_launch(args, out_dir, overrides):
+        kv = dict(o.split("=", 1) for o in overrides)
+        key = (kv["model.stts.method"], int(kv["data.num_frames"]), kv.get("train.keep_freed_host_memory") != "false")
+        launched.append(key)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = [{"step": s, "step_time": seconds[key], "phase/wall_s": seconds[key], "phase/ranks": 2,
+                 **{f"phase/{p}_s": seconds[key] / len(PHASES) for p in PHASES}} for s in range(1, 4)]
+        (out_dir / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return out_dir / "train_log.jsonl"
+
+    monkeypatch.setattr(bench_train, "launch", fake_launch)
+    monkeypatch.setattr(bench_train, "flop_ideal", lambda args, frame_counts, method: [1.5, 2.0][:len(frame_counts)])
+    args = bench_train.parse_args(["--config", "jobs/tiny_dist.yaml", "--steps", "2", "--warmup", "1", "--rounds", "2",
+                                   "--double-frames", "--compare-host-memory", *tiny_overrides()])
+    out = bench_train.bench_pruning(args, tmp_path)
+    assert sorted(set(launched)) == sorted(seconds) and len(launched) == 16       # 8 settings x 2 rounds
+    assert out["train_speedup_e2e"] == 2.0 and out["ratio_of_ideal"] == pytest.approx(2.0 / 1.5)
+    assert out["train_speedup_e2e_glibc_default"] == 12.0 / 5.0
+    assert out["train_speedup_e2e_2x"] == 16.0 / 7.0 and out["flop_ideal_speedup_2x"] == 2.0
+    assert out["train_speedup_e2e_2x_glibc_default"] == 20.0 / 8.0 and out["frames_2x"] == 8
+    assert out["host_memory_speedup_unpruned"] == 12.0 / 8.0 and out["host_memory_speedup_pruned"] == 5.0 / 4.0
+    assert out["host_memory_speedup_unpruned_2x"] == 20.0 / 16.0 and out["host_memory_speedup_pruned_2x"] == 8.0 / 7.0

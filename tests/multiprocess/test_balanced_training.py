@@ -160,6 +160,10 @@ def test_dp1_trainer_trains_exactly_the_window_samples_and_prints_balance_metric
     out = capsys.readouterr().out
     assert re.search(r"\[balance step 1\] vit_pre max/mean=\d+/\d+ vit_post", out)
     assert "[balance step 2]" in out and "[balance step 3]" not in out
+    # one rank: the in-order split is the whole batch on that rank, like the balanced one
+    assert all(r["balance/cost_imbalance_in_order"] == 1.0 for r in trainer.history)
+    assert re.search(r"\[balance\] 3 steps over 1 data-parallel ranks: .* 1\.000 balanced .* vs 1\.000 for the same "
+                     r"samples split in order", out)
 
 
 def test_dp1_balanced_source_yields_the_unbalanced_sources_global_batches(tmp_path):

@@ -165,3 +165,22 @@ def test_allowed_member_names(name):
 def test_rejected_member_names(name):
     with pytest.raises(UnsafeMemberError, match=f"shard x.tar: member '{name}'"):
         check_member_name("x.tar", name)
+
+
+def test_mp4_digits_vary_in_length_exactly_like_the_in_memory_digits(tmp_path):
+    """data.min_frames: the digits written as mp4 for sharding (digits_mp4) have the lengths of the
+    in-memory clips (digits) of the same index, by one rule (stts_dist.data.digits.clip_frames)."""
+    import json
+    import av
+    from data_pipeline.synth_digits import write_synthetic
+    from stts_dist.data.digits import clip_frames
+    from stts_dist.train.data import DigitsDataset
+    manifest = write_synthetic(tmp_path, 6, frames=8, image_size=32, seed=3, min_frames=3)
+    written = []
+    for line in manifest.read_text().splitlines():
+        with av.open(str(tmp_path / json.loads(line)["video"])) as container:
+            written.append(sum(1 for _ in container.decode(video=0)))
+    in_memory = [DigitsDataset(6, 3, 8, 32, ["count"], min_frames=3).frames_for(i) for i in range(6)]
+    assert written == in_memory == [clip_frames(i, 3, 8, 3) for i in range(6)]
+    assert all(3 <= n <= 8 for n in written) and len(set(written)) > 1
+    assert clip_frames(0, 3, 8, 0) == 8 and clip_frames(0, 3, 8, 8) == 8     # unset / equal: fixed length
