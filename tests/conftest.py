@@ -6,6 +6,17 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
 
+SLOW_DIRS = ("multiprocess", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/multiprocess and tests/e2e is slow by where it lives (rank groups,
+    torchrun, services); heavy unit tests carry the marker themselves. ``-m "not slow"`` is the
+    developer's fast loop."""
+    for item in items:
+        if item.path.parent.name in SLOW_DIRS:
+            item.add_marker(pytest.mark.slow)
+
 
 def tiny_overrides(**extra):
     """A model small enough for unit tests (dims in the spirit of the default job)."""

@@ -125,7 +125,10 @@ def test_shards_without_a_vocabulary_name_the_rebuild(tmp_path):
 @pytest.mark.slow
 def test_the_readme_walk_through_on_a_second_dataset_with_two_zero3_ranks(tmp_path):
     """README "your own videos": generate -> torchrun 2 ranks (ZeRO-3; Ray shards the manifest)
-    -> stts-eval -> stts-infer, the README's commands with a tiny model and the test's paths."""
+    -> stts-eval -> stts-infer, the README's commands with a tiny model and the test's paths.
+    That the model learns the user's data (colour far above chance on the held-out clips) is
+    asserted by test_a_manifest_run_learns_its_words_and_is_evaluated_on_its_held_out_clips
+    (one process, 300 steps); this walk-through checks that the commands chain up (40 steps)."""
     import os
     import subprocess
     import sys
@@ -142,24 +145,24 @@ def test_the_readme_walk_through_on_a_second_dataset_with_two_zero3_ranks(tmp_pa
         return done
 
     data, out = tmp_path / "shapes", tmp_path / "run"
-    run(sys.executable, "-m", "data_pipeline.synth_shapes", "--out", data, "--train", 480, "--test", 90,
+    run(sys.executable, "-m", "data_pipeline.synth_shapes", "--out", data, "--train", 160, "--test", 40,
         "--image-size", 32, "--frames", 4)
     overrides = tiny_overrides(**{
         "data.path": data / "train.jsonl", "data.eval_path": data / "test.jsonl", "data.work_dir": tmp_path / "work",
-        "data.eval_samples": 90, "train.out_dir": out, "train.steps": 300, "train.batch_size": 16, "train.eval_every": 0,
+        "data.eval_samples": 40, "train.out_dir": out, "train.steps": 40, "train.batch_size": 16, "train.eval_every": 0,
         "optim.lr": 2e-3, "train.eval_methods": "[]", "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlruns.db",
         "tracking.artifact_location": tmp_path / "mlartifacts", "tracking.visualize_every": 0})
     log = run(venv / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "stts_dist.train",
               "--config", "jobs/own_videos.yaml", *overrides).stdout
     assert "[train] shapes-train-stts50" in log and "with Ray" in log
-    final = read_eval_history(out)[300]                              # the run's own record, unrounded
+    final = read_eval_history(out)[40]                               # the run's own record, unrounded
     assert json.loads(log.strip().splitlines()[-1])["eval/scorer@0.5/acc"] == round(final["eval/scorer@0.5/acc"], 4)
-    assert final["eval/scorer@0.5/acc"] > 0.45                     # chance: (1/4 + 1/4 + 1/3) / 3 = 0.28
+    assert {k.split("/")[-1] for k in final if k.startswith("eval/scorer@0.5/acc/")} == {"colour", "direction", "shape"}
     eval_out = run(venv / "stts-eval", "--checkpoint", out, "--data", f"manifest:{data / 'test.jsonl'}",
                    "--ratios", "0,0.5", "--methods", "scorer,random", "--out", tmp_path / "eval").stdout
     rows = {r["setting"]: r for r in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]}
     assert abs(rows["scorer@0.5"]["acc"] - final["eval/scorer@0.5/acc"]) < 1e-9   # same clips, same model
-    assert rows["scorer@0.5"]["acc/colour"] >= 0.6 and "colour" in eval_out
+    assert rows["scorer@0.5"]["n"] == 40 and "colour" in eval_out
     answer = run(venv / "stts-infer", "--checkpoint", out, "--video", data / "videos" / "test_000000.mp4",
                  "--question", "What colour is the moving shape?", "--json")
     reply = json.loads(answer.stdout)

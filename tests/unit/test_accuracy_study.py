@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,6 +38,7 @@ def _write(out: Path, model: str, accs: dict, adaptive: dict):
         (out / model / sub / "results.json").write_text(json.dumps({"rows": data}))
 
 
+@pytest.mark.slow
 def test_summary_checks_the_targets_from_the_rows(tmp_path):
     study = _study()
     _write(tmp_path, "unpruned", {"none@0": 0.80, "random@0.8": 0.70, "uniform@0.8": 0.60}, {})

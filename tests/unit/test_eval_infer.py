@@ -98,6 +98,7 @@ def _digits_tasks(n: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- stts-eval
+@pytest.mark.slow
 def test_eval_writes_table_json_csv_png_and_mlflow(trained_run, tmp_path, capsys):
     out = tmp_path / "eval"
     store = tmp_path / "mlflow"
@@ -136,6 +137,7 @@ def test_eval_writes_table_json_csv_png_and_mlflow(trained_run, tmp_path, capsys
     assert "none_0/acc" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_accuracy_follows_the_answers(trained_run, tmp_path, monkeypatch):
     _rig_generation(monkeypatch, {"count", "last", "direction", "corner"})
     perfect = _eval(trained_run, tmp_path / "a", "--methods", "none", "--ratios", "0", "--samples", "12",

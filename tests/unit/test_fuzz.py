@@ -46,6 +46,7 @@ def _parse(text: str, tmp: Path) -> ManifestEntry | None:
         return None
 
 
+@pytest.mark.slow
 @FUZZ
 @given(obj=manifest_objects)
 def test_manifest_objects_parse_or_raise_manifest_error(obj, tmp_path):
@@ -159,6 +160,7 @@ def test_samples_decode_or_raise_shard_errors(members, key):
 @given(record=json_values | st.dictionaries(st.sampled_from(
     ["timestamps", "native_fps", "original_size", "source", "question", "answer", "id", "task", "fps", "turns",
      "meta"]), json_values, max_size=11))
+@pytest.mark.slow
 def test_loader_records_are_used_or_raise_shard_format_error(record):
     """The ``<key>.json`` record as the loader turns it into a training sample."""
     from data_pipeline.dataset_index import DatasetIndex

@@ -53,6 +53,7 @@ def probe(setting: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2) to count")
 def test_large_tensors_come_from_the_heap_and_stay_there():
     kept = probe("keep")
@@ -65,6 +66,7 @@ def test_large_tensors_come_from_the_heap_and_stay_there():
     assert kept["freed"]["heap_free"] - kept["alive"]["heap_free"] >= MB64, kept
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2) to count")
 def test_glibc_default_maps_and_unmaps_large_tensors():
     default = probe("default")

@@ -108,6 +108,7 @@ def test_text_only_batch_runs_the_same_modules(tiny_cfg):
         h.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["scorer", "random"])
 def test_overfits_a_tiny_batch_with_pruning(tiny_cfg, method):
     tok, model, builder, _ = _setup(tiny_cfg)

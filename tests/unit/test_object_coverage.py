@@ -91,6 +91,7 @@ def _moving_digit_batches(cfg, n, seed):
                         style="printed") for i in range(n)]
 
 
+@pytest.mark.slow
 def test_short_training_makes_the_scorer_find_the_moving_digit(tiny_cfg):
     """Clips where one digit moves over a static background (a few of the 16 groups per frame
     change): after 60 short steps the scorer keeps the digit's groups far more often than random

@@ -21,6 +21,7 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.history]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_losses_exactly(tmp_path):
     full = Trainer(_cfg(tmp_path / "a"))
     full.fit()
@@ -122,6 +123,7 @@ def test_kept_token_picture_every_n_steps_reaches_the_callbacks(tmp_path):
     assert [os.path.basename(p) for p, _ in seen] == pngs and {d for _, d in seen} == {"kept_tokens"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level, step_lines", [("quiet", []), ("info", [1, 4]), ("debug", [1, 2, 3, 4])])
 def test_console_level_while_every_step_goes_to_the_run_log(tmp_path, capsys, level, step_lines):
     cfg = _cfg(tmp_path, **{"train.steps": 4, "train.log_every": 4, "train.log_level": level,

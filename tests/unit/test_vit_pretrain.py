@@ -34,6 +34,7 @@ def test_digit_frames_are_deterministic_multi_hot_and_drawn_like_the_clips():
     assert three > one
 
 
+@pytest.mark.slow
 def test_pretrain_runs_and_exports_a_vit_the_trainer_loads(tmp_path):
     from stts_dist.config import load_config
     from stts_dist.train.trainer import Trainer
@@ -111,6 +112,7 @@ def test_patch_labels_name_the_digit_under_each_patch():
     assert 0 < MIN_INK_SHARE < 0.5
 
 
+@pytest.mark.slow
 def test_dense_objective_trains_the_patch_head_and_is_refused_where_it_cannot_apply():
     from stts_dist.config import ConfigError, load_config
     from stts_dist.train.vit_pretrain import pretrain
@@ -129,6 +131,7 @@ def test_dense_objective_trains_the_patch_head_and_is_refused_where_it_cannot_ap
         load_config(None, tiny_overrides(**{"model.pretrained.digits_vit_max_digits": 2}))
 
 
+@pytest.mark.slow
 def test_stage0_is_trained_once_cached_by_its_settings_and_loaded_by_the_run(tmp_path, capsys):
     from stts_dist.config import load_config
     from stts_dist.train.stage0 import MARKER, ensure_digits_vit, stage0_folder

@@ -119,6 +119,7 @@ def _siglip_reference(model, frames):
 
 # --- LLM -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_transformers
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_llm_logits_match_transformers(tmp_path, kind):
@@ -333,6 +334,7 @@ def _tp_body(rank, world, llm_dir, vit_dir, ids, frames, export_dir):
     return {"logits": logits, "feats": feats, "local_rows": local_rows}
 
 
+@pytest.mark.slow
 @needs_transformers
 def test_tensor_parallel_load_matches_transformers(tmp_path):
     llm_dir, ids, ref_logits = _hf_llm(tmp_path, "qwen2")
@@ -431,6 +433,7 @@ def test_smollm2_from_gguf_knows_the_capital_of_france(smollm2_dir):
     assert tok.decode(ids[-2:]).strip().startswith("Paris"), tok.decode(ids)
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_recipe_matches_the_real_checkpoints(smollm2_dir):
     from omegaconf import OmegaConf
@@ -446,6 +449,7 @@ def test_recipe_matches_the_real_checkpoints(smollm2_dir):
     load_config(ROOT / "jobs" / "finetune_dinov2_smollm2.yaml")
 
 
+@pytest.mark.slow
 @needs_dinov2
 def test_dinov2_from_onnx_matches_onnxruntime(tmp_path):
     import numpy as np
