@@ -111,15 +111,20 @@ class EpochPlan:
                 samples[labels == d] = self._dataset_stream(d, epoch * n, n)
         return np.stack([labels, samples], axis=1)
 
-    def rank_order(self, epoch: int, dp_rank: int) -> np.ndarray:
-        """(samples_per_rank, 2) int64: what ``dp_rank`` reads in ``epoch``, in order."""
-        if not 0 <= dp_rank < self.dp_size:
-            raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={self.dp_size})")
+    def padded_order(self, epoch: int) -> np.ndarray:
+        """(samples_per_rank * dp_size, 2) int64: the global order wrapped or cut so that every
+        rank gets ``samples_per_rank``; position ``i`` belongs to rank ``i % dp_size``."""
         order = self.global_order(epoch)
         needed = self.samples_per_rank * self.dp_size
         if needed > len(order):
             order = np.concatenate([order, np.resize(order, (needed - len(order), 2))])
-        return order[:needed][dp_rank::self.dp_size]
+        return order[:needed]
+
+    def rank_order(self, epoch: int, dp_rank: int) -> np.ndarray:
+        """(samples_per_rank, 2) int64: what ``dp_rank`` reads in ``epoch``, in order."""
+        if not 0 <= dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={self.dp_size})")
+        return self.padded_order(epoch)[dp_rank::self.dp_size]
 
 
 def split_by_dp(src, dp_rank: int, dp_size: int):

@@ -77,8 +77,7 @@ def _sample_from(decoded: dict[str, Any], index: DatasetIndex, dataset: int, sam
 class RankSlice(torch.utils.data.IterableDataset):
     """Positions ``[start, stop)`` of one rank's epoch order, read by DataLoader workers.
 
-    Public: the pruning-aware balancer (``stts_dist.train.balanced_source``) reads its planned
-    rows through it too. ``order``: (P, 2) int rows of (dataset, sample) into ``indexes``."""
+    Read through :func:`read_positions`. ``order``: (P, 2) int rows of (dataset, sample) into ``indexes``."""
 
     def __init__(self, indexes: list[DatasetIndex], order: np.ndarray, start: int, stop: int,
                  frames_dtype: str, on_corrupt: str, chunk: int = 1):
@@ -161,6 +160,56 @@ def unpack_chunk(chunk: dict[str, Any]) -> list[dict[str, Any]]:
     return chunk["samples"]
 
 
+def epoch_plan(indexes: list[DatasetIndex], cfg: LoaderConfig, dp_size: int) -> EpochPlan:
+    """The epoch order of ``cfg``'s datasets (their ``indexes``) over ``dp_size`` ranks."""
+    layouts = [DatasetLayout(ix.shard_of_sample, len(ix.shard_names)) for ix in indexes]
+    return EpochPlan(layouts, [d.weight for d in cfg.datasets], cfg.seed, cfg.samples_per_epoch, cfg.shuffle_shards,
+                     cfg.shuffle_window, dp_size, cfg.pad_to_equal)
+
+
+def order_fingerprint(indexes: list[DatasetIndex], plan: EpochPlan) -> str:
+    """What a saved position depends on besides seed and DP size: the datasets and the blend."""
+    blob = json.dumps({"datasets": [[ix.name, ix.keys[0], ix.keys[-1], len(ix), ix.config] for ix in indexes],
+                       "weights": plan.weights, "counts": plan.counts,
+                       "shuffle": [plan.shuffle_shards, plan.shuffle_window],
+                       "pad": plan.pad_to_equal}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_positions(indexes: list[DatasetIndex], order: np.ndarray, start: int, stop: int, cfg: LoaderConfig,
+                   num_workers: int) -> Iterator[dict[str, Any]]:
+    """Samples at positions ``[start, stop)`` of ``order`` ((P, 2) rows of (dataset, sample)),
+    in order, decoded in ``num_workers`` DataLoader workers (0 = in this process). The one
+    reading path of :class:`VideoLoader` and of the trainer's shard reader
+    (``stts_dist.samples.readers.ShardReader``)."""
+    chunk = max(1, min(cfg.worker_chunk, -(-(stop - start) // max(1, num_workers))))
+    rank_slice = RankSlice(indexes, order, start, stop, cfg.frames_dtype, cfg.on_corrupt, chunk)
+    workers_iter = None
+    if num_workers > 0 and stop > start:
+        loader = torch.utils.data.DataLoader(
+            rank_slice, batch_size=None, num_workers=min(num_workers, -(-(stop - start) // chunk)),
+            prefetch_factor=cfg.prefetch_factor, multiprocessing_context=cfg.worker_start_method,
+            persistent_workers=False)
+        workers_iter = iter(loader)
+        source = (s for c in workers_iter for s in unpack_chunk(c))
+    else:
+        source = iter(rank_slice)
+    expected = start
+    try:
+        for sample in source:
+            if sample["meta"]["position"] != expected:  # the round-robin invariant
+                raise RuntimeError(f"loader returned position {sample['meta']['position']}, expected "
+                                   f"{expected}; worker output order was broken")
+            expected += 1
+            yield sample
+    finally:
+        # Stop the workers now, also when the caller stops early or an error propagates: left
+        # to the garbage collector, the iterator can outlive this call (an exception traceback
+        # keeps it alive) and be inherited by the next DataLoader's forked workers.
+        if workers_iter is not None:
+            workers_iter._shutdown_workers()
+
+
 class VideoLoader:
     """Stateful loader of one DP rank. See the module docstring for the contract."""
 
@@ -168,10 +217,7 @@ class VideoLoader:
         self.cfg = as_loader_config(cfg)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.indexes = [load_index(d.path, d.name) for d in self.cfg.datasets]
-        layouts = [DatasetLayout(ix.shard_of_sample, len(ix.shard_names)) for ix in self.indexes]
-        self.plan = EpochPlan(layouts, [d.weight for d in self.cfg.datasets], self.cfg.seed,
-                              self.cfg.samples_per_epoch, self.cfg.shuffle_shards, self.cfg.shuffle_window,
-                              dp_size, self.cfg.pad_to_equal)
+        self.plan = epoch_plan(self.indexes, self.cfg, dp_size)
         self.plan.rank_order(0, dp_rank)  # validates dp_rank early
         self.epoch = 0
         self.position = 0
@@ -188,11 +234,7 @@ class VideoLoader:
 
     # -- state ------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
-        blob = json.dumps({"datasets": [[ix.name, ix.keys[0], ix.keys[-1], len(ix), ix.config] for ix in self.indexes],
-                           "weights": self.plan.weights, "counts": self.plan.counts,
-                           "shuffle": [self.plan.shuffle_shards, self.plan.shuffle_window],
-                           "pad": self.plan.pad_to_equal}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return order_fingerprint(self.indexes, self.plan)
 
     def state_dict(self) -> dict[str, Any]:
         """``epoch`` and ``position`` (samples of this epoch already handed out), plus what must
@@ -221,34 +263,11 @@ class VideoLoader:
         """Samples of the current epoch from ``self.position`` to ``stop``, advancing position."""
         order = self.plan.rank_order(self.epoch, self.dp_rank)
         workers = self.cfg.num_workers if num_workers is None else num_workers
-        chunk = max(1, min(self.cfg.worker_chunk, -(-(stop - self.position) // max(1, workers))))
-        rank_slice = RankSlice(self.indexes, order, self.position, stop, self.cfg.frames_dtype, self.cfg.on_corrupt,
-                                chunk)
-        workers_iter = None
-        if workers > 0 and stop > self.position:
-            loader = torch.utils.data.DataLoader(
-                rank_slice, batch_size=None, num_workers=min(workers, -(-(stop - self.position) // chunk)),
-                prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.worker_start_method,
-                persistent_workers=False)
-            workers_iter = iter(loader)
-            source = (s for c in workers_iter for s in unpack_chunk(c))
-        else:
-            source = iter(rank_slice)
-        try:
-            for sample in source:
-                if sample["meta"]["position"] != self.position:  # the round-robin invariant
-                    raise RuntimeError(f"loader returned position {sample['meta']['position']}, expected "
-                                       f"{self.position}; worker output order was broken")
-                sample["meta"]["epoch"] = self.epoch
-                self.replaced_unreadable += bool(sample["meta"]["replaced"])
-                self.position += 1
-                yield sample
-        finally:
-            # Stop the workers now, also when the caller stops early or an error propagates: left
-            # to the garbage collector, the iterator can outlive this call (an exception traceback
-            # keeps it alive) and be inherited by the next DataLoader's forked workers.
-            if workers_iter is not None:
-                workers_iter._shutdown_workers()
+        for sample in read_positions(self.indexes, order, self.position, stop, self.cfg, workers):
+            sample["meta"]["epoch"] = self.epoch
+            self.replaced_unreadable += bool(sample["meta"]["replaced"])
+            self.position += 1
+            yield sample
 
     def _begin_epoch(self, usable: int) -> None:
         if self.position >= usable:  # the saved state was taken after the epoch's last step

@@ -119,7 +119,7 @@ class ModelConfig:
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
 
 
-# Where a run's data comes from (stts_dist.train.sources builds each): the digits task generated in
+# Where a run's data comes from (stts_dist.train.sources prepares it, stts_dist.samples reads it): the digits task generated in
 # memory or written as mp4 + sharded, a user's JSONL manifest (sharded first), a shard folder.
 SOURCES = ("digits", "digits_mp4", "manifest", "shards")
 DIGITS_SOURCES = ("digits", "digits_mp4")

@@ -4,26 +4,34 @@
 - ``manifest:FILE``   a JSONL manifest of video files, decoded with PyAV (T frames over each clip);
 - ``shards:DIR``      a finished shard folder (frames were sampled at sharding time).
 
-``source.samples(frames, rank, world)`` returns this rank's samples (``rank::world``) as dicts
-with ``frames`` (T, H, W, 3) uint8, ``question``, ``answer``, ``id``, ``task`` (and, for the
-digits, ``objects``: where every digit is in every frame).
+``source.samples(frames, rank, world)`` returns this rank's samples (rows ``rank::world`` of the
+held-out set, in order) as dicts with ``frames`` (T, H, W, 3) uint8, ``question``, ``answer``,
+``id``, ``task`` (and, for the digits, ``objects``: where every digit is in every frame). The
+samples are read through the sample-source stack's readers (``stts_dist.samples.readers``), the
+same ones training reads with; the held-out order is the rows' own (no sampler).
 """
 from __future__ import annotations
 
-from typing import Any
-
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from data_pipeline.dataset_index import load_index
+from data_pipeline.errors import VideoReadError
+from data_pipeline.manifest import read_manifest
 from stts_dist.config import DIGITS_SOURCES
-
+from stts_dist.samples import DigitsDataset, DigitsReader, ManifestReader, ShardReader, digits_dataset
 
 
 class EvalError(ValueError):
     """Bad evaluation input; the message names it and the fix."""
+
+
+def rank_rows(count: int, rank: int, world: int) -> np.ndarray:
+    """Rows ``rank, rank + world, ...`` of a held-out set of ``count`` samples."""
+    return np.arange(rank, count, world, dtype=np.int64)
 
 
 class DigitsSource:
@@ -36,11 +44,10 @@ class DigitsSource:
         self.name = "digits"
 
     def samples(self, frames: int, rank: int, world: int) -> list[dict]:
-        from stts_dist.data.digits import make_sample
         d = self.cfg.data
-        return [make_sample(i, d.seed, frames, self.cfg.model.vit.image_size, list(d.tasks), split="eval",
-                            style=d.digit_style)
-                for i in range(rank, self.count, world)]
+        reader = DigitsReader(DigitsDataset(self.count, d.seed, frames, self.cfg.model.vit.image_size, d.tasks,
+                                            "eval", style=d.digit_style))
+        return reader.samples(rank_rows(self.count, rank, world))
 
 
 class ManifestSource:
@@ -49,7 +56,6 @@ class ManifestSource:
     fixed_frames = False
 
     def __init__(self, path: str, image_size: int, limit: int):
-        from data_pipeline.manifest import read_manifest
         self.entries = read_manifest(path)[:limit or None]
         self.image_size = image_size
         self.tasks = sorted({e.task or "all" for e in self.entries})
@@ -57,48 +63,35 @@ class ManifestSource:
         self.short_clips: dict[int, int] = {}   # requested frames -> clips that had fewer (this rank)
 
     def samples(self, frames: int, rank: int, world: int) -> list[dict]:
-        from data_pipeline.errors import VideoReadError
-        from data_pipeline.video import read_clip
-        out = []
-        for e in self.entries[rank::world]:
-            try:
-                clip = read_clip(e.video, self.image_size, fps=0.0, max_frames=frames, start=e.start, end=e.end)
-            except VideoReadError as err:
-                raise EvalError(f"manifest line {e.line} (id {e.id}): {err}") from None
-            if len(clip.frames) < frames:
-                self.short_clips[frames] = self.short_clips.get(frames, 0) + 1
-            out.append({"frames": clip.frames, "question": e.question, "answer": e.answer, "id": e.id, "task": e.task})
+        reader = ManifestReader(self.entries, self.image_size, frames)
+        try:
+            out = reader.samples(rank_rows(len(self.entries), rank, world))
+        except VideoReadError as err:
+            raise EvalError(str(err)) from None
+        if reader.short_clips:
+            self.short_clips[frames] = self.short_clips.get(frames, 0) + reader.short_clips
         return out
 
 
 class ShardSource:
     """A finished shard folder (``data_pipeline``): frames were sampled at sharding time, so the
-    frame count is the shards' (``--frames`` and test-time scaling do not apply)."""
+    frame count is the shards' (``--frames`` and test-time scaling do not apply). Read in shard
+    order (the order of the sharding job's output), the first ``limit`` samples."""
     fixed_frames = True
 
     def __init__(self, path: str, limit: int, workers: int = 0):
-        from data_pipeline.dataset_index import load_index
-        self.path, self.limit, self.workers = path, limit, workers
+        self.path, self.limit = path, limit
         self.index = load_index(path)
+        self.reader = ShardReader(self.index, workers)
         self.tasks = sorted({t or "all" for t in self.index.tasks})
         self.name = f"shards:{path}"
         videos = self.index.frames[self.index.is_video]
         self.min_video_frames = int(videos.min()) if len(videos) else 1
         self.frames = int(np.median(self.index.frames))
+        self.order = np.argsort(self.index.shard_of_sample, kind="stable")[:limit or None]
 
     def samples(self, frames: int, rank: int, world: int) -> list[dict]:
-        from data_pipeline.loader import VideoLoader
-        loader = VideoLoader({"datasets": [{"path": self.path}], "shuffle_shards": False, "shuffle_window": 0,
-                              "pad_to_equal": True, "num_workers": self.workers}, dp_rank=rank, dp_size=world)
-        total = min(self.limit or loader.plan.epoch_size, loader.plan.epoch_size)
-        out = []
-        for s in loader:
-            position = s["meta"]["position"] * world + rank  # rank r reads global positions r, r+W, ...
-            if position >= total:  # the wrap-around padding or beyond --samples
-                break
-            out.append({"frames": s["frames"].numpy(), "question": s["question"], "answer": s["answer"],
-                        "id": s["id"], "task": s["task"]})
-        return out
+        return self.reader.samples(self.order[rank_rows(len(self.order), rank, world)])
 
 
 def make_source(spec: str, cfg: Any, limit: int, workers: int = 0):
@@ -122,6 +115,18 @@ def run_heldout_source(cfg: Any):
         return None
     kind = "shards" if Path(d.eval_path).is_dir() else "manifest"
     return make_source(f"{kind}:{d.eval_path}", cfg, d.eval_samples)
+
+
+def training_eval_set(cfg: Any) -> list[dict]:
+    """The samples the trainer evaluates on: for the digits sources the eval split with the
+    training clip lengths (``data.min_frames``..``data.num_frames``), else ``data.eval_path`` at
+    ``data.num_frames`` frames; empty when a user's run names no held-out data."""
+    d = cfg.data
+    if d.source in DIGITS_SOURCES:
+        split = digits_dataset(cfg, "eval")
+        return DigitsReader(split).samples(range(len(split)))
+    heldout = run_heldout_source(cfg)
+    return heldout.samples(d.num_frames, 0, 1) if heldout is not None else []
 
 
 def unknown_word_report(tokenizer: Any, samples: Sequence[dict]) -> Optional[dict]:

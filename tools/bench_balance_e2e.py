@@ -126,7 +126,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from stts_dist.config import load_config
-    from stts_dist.train.balanced_source import BalancedSource
+    from stts_dist.samples import training_stack
     from stts_dist.train.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -135,10 +135,11 @@ def worker(args) -> None:
     trainer = Trainer(cfg, callbacks=[])
     naive_cfg = load_config(None, overrides(MODEL, args.out_dir, steps, args) + ["balance.method=naive"])
     planner_source = trainer.source
-    naive_source = BalancedSource.from_config(naive_cfg, trainer.dp_rank, trainer.dp_size)
+    naive_source = training_stack(naive_cfg, trainer.budget, trainer.dp_rank, trainer.dp_size, None,
+                                  trainer.tokenizer)
     source = AlternatingSource([planner_source, naive_source])
     trainer.source = source
-    table, cost_model = planner_source.table, planner_source.planner.cost_model
+    table, cost_model = planner_source.split.table, planner_source.split.planner.cost_model
     records = []
     inner = trainer.module.train_step
 
@@ -238,8 +239,7 @@ def ratio_check(args) -> dict:
     from stts_dist.model.vlm import build_model
     from stts_dist.tokenizer import default_tokenizer
     from stts_dist.stts.budget import TokenBudget
-    from stts_dist.train.balanced_source import digits_text_tokens, sample_table
-    from stts_dist.train.data import DigitsDataset
+    from stts_dist.samples import DigitsDataset, digits_text_tokens, sample_table
     from stts_dist.train.train_module import LocalTrainModule
 
     torch.set_num_threads(1)

@@ -2,12 +2,12 @@
 
 :class:`CandidateWindow` is the run's sample order: epoch ``e`` is the seeded permutation
 ``default_rng([seed, e])`` of the dataset rows, consumed in equal windows. It is the one
-implementation of that order: the balanced schedule here and the training sources
-(``stts_dist.train``: ``EpochSampler`` for the unbalanced batches, ``BalancedSource`` for the
-balanced candidate windows) all draw from it, so balanced and unbalanced runs visit the same
-samples in the same order. :func:`plan_window` is the one step "window + deferred samples ->
-:class:`~stts_dist.balance.planner.Plan`" that :class:`BalancedSchedule` and the trainer's
-``BalancedSource`` share.
+implementation of that order: the balanced schedule here and the sample-source stack's
+``PermutationSampler`` (``stts_dist.samples``: the unbalanced digits batches and the balancer's
+candidate windows) draw from it, so balanced and unbalanced runs visit the same samples in the
+same order. :func:`plan_window` is the one step "window + deferred samples ->
+:class:`~stts_dist.balance.planner.Plan`" that :class:`BalancedSchedule` and the stack's
+``BalancedSplit`` share.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class CandidateWindow:
     State, the cursor ``(cursor_epoch, cursor_offset)``: the epoch of the last window drawn and
     the row offset just after it. The move to the next epoch waits until the next window is
     drawn, so ``(e, steps_per_epoch * window_size)`` and ``(e + 1, 0)`` draw the same window;
-    the training sources checkpoint the cursor as it is (``EpochSampler``'s format). An offset
+    the stack's ``PermutationSampler`` checkpoints the cursor as it is. An offset
     off the window grid (a run resumed with another window size, :meth:`seek`) continues from
     there. ``next_step``, ``epoch`` and ``position`` describe the next window on the grid; this
     class's own checkpoint (:meth:`state_dict`) only needs ``next_step``."""

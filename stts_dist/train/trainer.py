@@ -20,12 +20,12 @@ from stts_dist.device import resolve_device
 from stts_dist.evaluation import evaluate
 from stts_dist.plots import plot_accuracy_vs_tokens, rows_from_trainer_eval
 from stts_dist.host_allocator import keep_freed_blocks
-from stts_dist.heldout import describe_unknown_words, run_heldout_source, unknown_word_report
+from stts_dist.heldout import describe_unknown_words, training_eval_set, unknown_word_report
 from stts_dist.model.vlm import VideoVLM
 from stts_dist import checkpoint as ckpt
-from stts_dist.train.data import DigitsDataset
 from stts_dist.train.loop_callbacks import InjectedFault, loop_callbacks  # noqa: F401  (InjectedFault: callers catch it here)
-from stts_dist.train.sources import build_source, prepare_shards, resolve_balancing
+from stts_dist.samples import training_stack
+from stts_dist.train.sources import prepare_shards, resolve_balancing
 from stts_dist.train.stage0 import ensure_digits_vit
 from stts_dist.train.train_module import build_train_module, uses_distributed_engine
 from stts_dist.train.vocabulary import build_tokenizer
@@ -168,14 +168,9 @@ class Trainer:
         self.builder = SequenceBuilder(self.tokenizer, self.budget, m.vit.image_size)
         d = cfg.data
         self.log(f"[data] {resolve_balancing(cfg, shard_dir, self.dp_size)}")   # settles balance.enabled
-        self.source = build_source(cfg, self.budget, self.dp_rank, self.dp_size, shard_dir, self.tokenizer)
-        if d.source in DIGITS_SOURCES:    # the digits' eval split, with the training clip lengths
-            split = DigitsDataset(d.eval_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "eval",
-                                  d.min_frames, d.digit_style)
-            self.eval_set: list[dict] = [split[i] for i in range(len(split))]
-        else:
-            heldout = run_heldout_source(cfg)
-            self.eval_set = heldout.samples(d.num_frames, 0, 1) if heldout is not None else []
+        # the sample-source stack (sampler -> split -> reader -> collate, stts_dist/samples/)
+        self.source = training_stack(cfg, self.budget, self.dp_rank, self.dp_size, shard_dir, self.tokenizer)
+        self.eval_set: list[dict] = training_eval_set(cfg)
         if not self.eval_set:
             self.log(f"[eval] data.source={d.source} without data.eval_path: no accuracy evaluation; set "
                      "data.eval_path=YOUR_HELDOUT.jsonl (a manifest like the training one) to measure it")

@@ -445,7 +445,7 @@ def test_shards_serve_every_ratio_and_a_too_short_clip_is_named_at_load_time(tmp
     from data_pipeline.synth_digits import write_mp4
     from stts_dist.config import load_config
     from stts_dist.stts.budget import TokenBudget
-    from stts_dist.train.sources import check_clip_lengths
+    from stts_dist.samples import check_clip_lengths
 
     write_mp4(tmp_path / "v.mp4", tiny_sample(0, 0, 6, 32, ["t"])["frames"], fps=FPS)
     (tmp_path / "m.jsonl").write_text(json.dumps({"video": "v.mp4", "question": "q", "answer": "a"}) + "\n" +

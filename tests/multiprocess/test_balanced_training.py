@@ -1,5 +1,6 @@
-"""The pruning-aware token balancer wired into real training: BalancedSource under the Trainer,
-on one process and on 2 gloo ranks with DeepSpeed ZeRO-3 (plans, budgets, deferrals, resume)."""
+"""The pruning-aware token balancer wired into real training: the sample-source stack with its
+balanced split under the Trainer, on one process and on 2 gloo ranks with DeepSpeed ZeRO-3 (plans,
+budgets, deferrals, resume)."""
 import dataclasses
 import math
 import re
@@ -9,6 +10,7 @@ import pytest
 
 from conftest import tiny_overrides
 from dist_utils import run_distributed
+from shard_utils import tiny_shards
 
 STEPS, KILL_AFTER = 4, 2
 FRAMES_BUDGET = 16      # frames per rank per step; a 4-sample window of 2..12-frame videos often needs more
@@ -30,6 +32,23 @@ def _dist_cfg(out_dir, **extra):
 
 def _row(sample_id: str) -> int:
     return int(re.fullmatch(r"digits-train-\d+-(\d+)", sample_id).group(1))
+
+
+def _stack(cfg, dp_rank, dp_size, shard_dir=None, balanced=True):
+    """The run's sample-source stack as the trainer builds it (balanced: ``balance.enabled``)."""
+    from stts_dist.samples import training_stack
+    from stts_dist.stts.budget import TokenBudget
+    from stts_dist.tokenizer import default_tokenizer
+    cfg.balance.enabled = balanced
+    return training_stack(cfg, TokenBudget.from_model_config(cfg.model), dp_rank, dp_size, shard_dir,
+                          default_tokenizer())
+
+
+def window_rows(num_samples, window, seed, steps):
+    """The candidate windows of the first ``steps`` steps, as the stack's sampler draws them."""
+    from stts_dist.samples import PermutationSampler
+    sampler = PermutationSampler(num_samples, window, seed)
+    return [sampler.next_rows().tolist() for _ in range(steps)]
 
 
 def _collate(cfg):
@@ -84,8 +103,7 @@ def uninterrupted(full_run):
 
 @pytest.mark.slow
 def test_two_ranks_assign_every_window_sample_exactly_once_within_budgets(uninterrupted):
-    from stts_dist.train.balanced_source import window_rows
-    from stts_dist.train.data import DigitsDataset
+    from stts_dist.samples import DigitsDataset
     cfg = _dist_cfg("unused")
     windows = window_rows(cfg.data.train_samples, cfg.train.batch_size, cfg.data.seed, STEPS)
     frames = DigitsDataset(64, 0, 12, 32, cfg.data.tasks, "train", 2).frames_for
@@ -146,7 +164,6 @@ def test_resume_through_a_checkpoint_reproduces_the_per_step_assignment(full_run
 
 def test_dp1_trainer_trains_exactly_the_window_samples_and_prints_balance_metrics(tmp_path, capsys):
     from stts_dist.train.balance_callback import BalanceLogger
-    from stts_dist.train.balanced_source import window_rows
     from stts_dist.train.trainer import ConsoleLogger, Trainer
     cfg = _cfg(tmp_path, **{"train.steps": 3, "train.log_every": 2, "train.save_every": 0, "data.num_frames": 6})
     trainer = Trainer(cfg, callbacks=[ConsoleLogger(2), BalanceLogger(2)])
@@ -167,31 +184,26 @@ def test_dp1_trainer_trains_exactly_the_window_samples_and_prints_balance_metric
 
 
 def test_dp1_balanced_source_yields_the_unbalanced_sources_global_batches(tmp_path):
-    from stts_dist.train.balanced_source import BalancedSource
-    from stts_dist.train.sources import DigitsSource
     cfg = _cfg(tmp_path)
     collate = _collate(cfg)
-    plain = [b.ids for b, _ in DigitsSource(cfg, 0, 1).batches(20, collate)]   # 20 steps: crosses an epoch
-    balanced = [b.ids for b, _ in BalancedSource.from_config(cfg, 0, 1).batches(20, collate)]
+    plain = [b.ids for b, _ in _stack(cfg, 0, 1, balanced=False).batches(20, collate)]   # 20 steps: crosses an epoch
+    balanced = [b.ids for b, _ in _stack(cfg, 0, 1).batches(20, collate)]
     assert [sorted(b) for b in balanced] == [sorted(p) for p in plain]
 
 
 def test_naive_method_is_the_unbalanced_sequential_split(tmp_path):
-    from stts_dist.train.balanced_source import BalancedSource
-    from stts_dist.train.sources import DigitsSource
     cfg = _cfg(tmp_path, **{"balance.method": "naive"})
     collate = _collate(cfg)
     for rank in range(2):
-        plain = [b.ids for b, _ in DigitsSource(cfg, rank, 2).batches(5, collate)]
-        assert [b.ids for b, _ in BalancedSource.from_config(cfg, rank, 2).batches(5, collate)] == plain
+        plain = [b.ids for b, _ in _stack(cfg, rank, 2, balanced=False).batches(5, collate)]
+        assert [b.ids for b, _ in _stack(cfg, rank, 2).batches(5, collate)] == plain
 
 
 def test_two_sources_in_one_process_split_each_window_and_match_planned_token_counts(tmp_path):
-    from stts_dist.train.balanced_source import BalancedSource, window_rows
     cfg = _cfg(tmp_path, **{"balance.max_llm_tokens_per_micro": 80})
     collate = _collate(cfg)
-    sources = [BalancedSource.from_config(cfg, r, 2) for r in range(2)]
-    table = sources[0].table
+    sources = [_stack(cfg, r, 2) for r in range(2)]
+    table = sources[0].split.table
     windows = window_rows(64, 4, 0, 8)
     pending: list[int] = []
     for s, pair in enumerate(zip(*(src.batches(8, collate) for src in sources))):
@@ -208,70 +220,48 @@ def test_two_sources_in_one_process_split_each_window_and_match_planned_token_co
 
 
 def test_source_state_resumes_the_same_plans(tmp_path):
-    from stts_dist.train.balanced_source import BalancedSource
     cfg = _cfg(tmp_path, **{"balance.max_vit_frames_per_micro": 12, "balance.method": "lpt"})
     collate = _collate(cfg)
-    full = [b.ids for b, _ in BalancedSource.from_config(cfg, 1, 2).batches(6, collate)]
-    head = BalancedSource.from_config(cfg, 1, 2)
+    full = [b.ids for b, _ in _stack(cfg, 1, 2).batches(6, collate)]
+    head = _stack(cfg, 1, 2)
     it = head.batches(3, collate)
     first = [b.ids for b, _ in it]
     state = head.state_dict()
-    assert state["planner"]["deferred"]["index"], "state should carry deferred samples"
-    tail = BalancedSource.from_config(cfg, 1, 2)
+    assert state["split"]["planner"]["deferred"]["index"], "state should carry deferred samples"
+    tail = _stack(cfg, 1, 2)
     tail.load_state_dict(state)
     assert first + [b.ids for b, _ in tail.batches(3, collate)] == full
-    other = BalancedSource.from_config(_cfg(tmp_path, **{"balance.max_vit_frames_per_micro": 13,
-                                                         "balance.method": "lpt"}), 1, 2)
+    # the balanced source's state as written before the stack (one dict) resumes the same
+    legacy = {"version": 1, "next_step": state["split"]["next_step"], "window": state["sampler"],
+              "planner": state["split"]["planner"]}
+    again = _stack(cfg, 1, 2)
+    again.load_state_dict(legacy)
+    assert first + [b.ids for b, _ in again.batches(3, collate)] == full
+    other = _stack(_cfg(tmp_path, **{"balance.max_vit_frames_per_micro": 13, "balance.method": "lpt"}), 1, 2)
     with pytest.raises(ValueError, match="max_vit_frames_per_micro: saved 12 vs now 13"):
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match="was not written by the balanced source"):
+        _stack(cfg, 1, 2).load_state_dict(_stack(cfg, 1, 2, balanced=False).state_dict())
+    with pytest.raises(ValueError, match="was written by the balanced source"):
+        _stack(cfg, 1, 2, balanced=False).load_state_dict(state)
 
 
 def test_balanced_source_over_shards_reads_only_its_planned_samples(tmp_path):
     from stts_dist.config import load_config
-    from stts_dist.train.balanced_source import BalancedSource, window_rows
-    shards = _tiny_shards(tmp_path)
+    shards = tiny_shards(tmp_path)
     cfg = load_config(None, tiny_overrides(**{"balance.enabled": True, "data.source": "shards",
                                               "data.path": str(shards), "data.num_frames": 12,
                                               "train.batch_size": 4, "data.num_workers": 1}))
     collate = _collate(cfg)
-    sources = [BalancedSource.from_config(cfg, r, 2, shards) for r in range(2)]
+    sources = [_stack(cfg, r, 2, shards) for r in range(2)]
     ids = sources[0].reader.index.ids
     windows = window_rows(len(ids), 4, 0, 4)
     for s, pair in enumerate(zip(*(src.batches(4, collate) for src in sources))):
         rows = [[ids.index(i) for i in batch.ids] for batch, _ in pair]
         assert sorted(rows[0] + rows[1]) == sorted(windows[s])
         for (batch, _), r in zip(pair, rows):
-            assert batch.seq_lengths == sources[0].table.llm_tokens[r].tolist()
-            assert batch.frames.shape[0] == sources[0].table.frames[r].sum()
-
-
-def _tiny_shards(tmp_path):
-    """12 variable-length digits clips (2..12 frames) sharded in-process (no Ray), npy frames."""
-    from omegaconf import OmegaConf
-
-    from data_pipeline.build_shards import file_sha256, make_plan, write_index, write_vocabulary
-    from data_pipeline.config import ShardingConfig
-    from data_pipeline.manifest import read_manifest
-    from data_pipeline.records import text_token_counter
-    from data_pipeline.shard_worker import process_unit
-    from data_pipeline.synth_digits import write_synthetic
-    from stts_dist.data.digits import make_sample
-
-    def variable(index, seed, frames, size, tasks, split="train"):
-        return make_sample(index, seed, 2 + (index * 5) % 11, size, tasks, split)
-    manifest = write_synthetic(tmp_path / "src", 12, 12, 32, 0, sample_fn=variable)
-    out = tmp_path / "shards"
-    out.mkdir()
-    cfg = OmegaConf.structured(ShardingConfig(manifest=str(manifest), out_dir=str(out), image_size=32, patch_size=8,
-                                              pool_size=2, fps=0.0, max_frames=12,
-                                              frame_format="npy", samples_per_shard=6))
-    entries = read_manifest(manifest)
-    plan = make_plan(entries, cfg, file_sha256(manifest), text_token_counter()[1], 1)
-    results = [process_unit(u, [e.to_dict() for e in entries[u * 6:(u + 1) * 6]], OmegaConf.to_container(cfg),
-                            str(out), plan["plan_hash"]) for u in range(2)]
-    write_vocabulary(out, entries)
-    write_index(out, plan, results)
-    return out
+            assert batch.seq_lengths == sources[0].split.table.llm_tokens[r].tolist()
+            assert batch.frames.shape[0] == sources[0].split.table.frames[r].sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,19 +280,19 @@ def test_bad_balance_config_names_the_key(tmp_path, override, message):
 
 
 def test_a_sample_that_can_never_fit_is_refused_at_start_with_the_fix(tmp_path):
-    from stts_dist.train.balanced_source import BalancedSource
     with pytest.raises(ValueError, match=r"can never fit one micro-batch .* raise the budgets to at least \d+ tokens"):
-        BalancedSource.from_config(_cfg(tmp_path, **{"balance.max_llm_tokens_per_micro": 20}), 0, 2)
+        _stack(_cfg(tmp_path, **{"balance.max_llm_tokens_per_micro": 20}), 0, 2)
     with pytest.raises(ValueError, match="balance.window=1 is smaller than the data-parallel size 2"):
-        BalancedSource.from_config(_cfg(tmp_path, **{"balance.window": 1}), 0, 2)
+        _stack(_cfg(tmp_path, **{"balance.window": 1}), 0, 2)
 
 
 def test_metadata_that_disagrees_with_the_data_is_an_error(tmp_path):
-    from stts_dist.train.balanced_source import BalancedSource, TokenCountMismatch
+    from stts_dist.samples import TokenCountMismatch
     cfg = _cfg(tmp_path)
-    source = BalancedSource.from_config(cfg, 0, 1)
-    source.table = dataclasses.replace(source.table, text_tokens=source.table.text_tokens + 1)
-    with pytest.raises(TokenCountMismatch, match="budgeted"):
+    source = _stack(cfg, 0, 1)
+    source.split.table = dataclasses.replace(source.split.table, text_tokens=source.split.table.text_tokens + 1)
+    with pytest.raises(TokenCountMismatch, match=r"step 0: sample digits-train-\d+-\d+ \(row \d+\) has \d+ LLM tokens but the "
+                                                 r"balancer budgeted \d+"):
         next(source.batches(1, _collate(cfg)))
 
 
@@ -329,11 +319,11 @@ def test_auto_balancing_turns_on_exactly_when_clip_lengths_vary_over_several_ran
 
     # shards: the index's frame counts decide
     import numpy as np
-    import data_pipeline.dataset_index as di
+    import stts_dist.train.sources as sources
 
     class FakeIndex:
         frames = np.array([4, 9, 16])
 
-    monkeypatch.setattr(di, "load_index", lambda folder: FakeIndex())
+    monkeypatch.setattr(sources, "load_index", lambda folder: FakeIndex())
     on, why = resolved(4, tmp_path, **{"data.source": "shards", "data.path": str(tmp_path)})
     assert on and "clips of 4-16 frames over 4" in why

@@ -44,7 +44,7 @@ def _cfg(out_dir, tp=1, **extra):
 def _fixed_batch(cfg, tokenizer, budget):
     """Two training samples at the run's token budget: the batch every model is scored on."""
     from stts_dist.data.batch import SequenceBuilder
-    from stts_dist.train.data import DigitsDataset
+    from stts_dist.samples import DigitsDataset
     d, m = cfg.data, cfg.model
     data = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train", d.min_frames)
     builder = SequenceBuilder(tokenizer, budget, m.vit.image_size)
@@ -91,7 +91,7 @@ def _text_only_rank_body(rank, world, overrides):
 def _mixed_batches(cfg, tokenizer, budget):
     """[two video samples, the next two samples with frames=None, all four together]."""
     from stts_dist.data.batch import SequenceBuilder
-    from stts_dist.train.data import DigitsDataset
+    from stts_dist.samples import DigitsDataset
     d, m = cfg.data, cfg.model
     data = DigitsDataset(d.train_samples, d.seed, d.num_frames, m.vit.image_size, d.tasks, "train", d.min_frames)
     builder = SequenceBuilder(tokenizer, budget, m.vit.image_size)

@@ -33,17 +33,17 @@ def _cfg(out_dir: Path, **extra):
 # -- the sample log ------------------------------------------------------------------------------
 
 def test_trainer_writes_the_sample_log_when_asked(tmp_path, monkeypatch):
-    from stts_dist.train.data import DigitsDataset, EpochSampler
+    from stts_dist.samples import DigitsDataset, PermutationSampler
     from stts_dist.train.trainer import Trainer
 
     monkeypatch.setenv(SAMPLE_LOG_ENV, str(tmp_path / "samples.tsv"))
     cfg = _cfg(tmp_path / "run", **{"train.steps": 3, "train.save_every": 0})
     Trainer(cfg).fit()
     timeline, starts = surviving_timeline(tmp_path / "samples.tsv")
-    sampler = EpochSampler(cfg.data.train_samples, cfg.train.batch_size, cfg.data.seed)
+    sampler = PermutationSampler(cfg.data.train_samples, cfg.train.batch_size, cfg.data.seed)
     data = DigitsDataset(cfg.data.train_samples, cfg.data.seed, cfg.data.num_frames, cfg.model.vit.image_size,
                          cfg.data.tasks, "train")
-    expected = {step: [data[i]["id"] for i in sampler.next_batch()] for step in (1, 2, 3)}
+    expected = {step: [data[int(i)]["id"] for i in sampler.next_rows()] for step in (1, 2, 3)}
     assert timeline == {0: expected} and starts == {0: [0]}
 
 

@@ -174,7 +174,7 @@ def test_mp4_digits_vary_in_length_exactly_like_the_in_memory_digits(tmp_path):
     import av
     from data_pipeline.synth_digits import write_synthetic
     from stts_dist.data.digits import clip_frames
-    from stts_dist.train.data import DigitsDataset
+    from stts_dist.samples import DigitsDataset
     manifest = write_synthetic(tmp_path, 6, frames=8, image_size=32, seed=3, min_frames=3)
     written = []
     for line in manifest.read_text().splitlines():

@@ -1,0 +1,61 @@
+"""What the balancer sees of a dataset: one :class:`~stts_dist.balance.SampleTable` row per
+dataset row, from metadata alone (no frame is rendered or decoded).
+
+Token counts come from the run's :class:`~stts_dist.stts.budget.TokenBudget`: LLM visual tokens
+``G*T - int(G*r*T)`` plus every other token of the packed sequence (the sequence builder's
+``SPECIAL_TOKENS``, question, answer, one separator per frame when enabled).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stts_dist.balance import SampleTable
+from stts_dist.data.batch import SPECIAL_TOKENS
+from stts_dist.data.digits import ANSWERS, QUESTIONS
+from stts_dist.samples.readers import DigitsDataset
+from stts_dist.stts.budget import TokenBudget
+
+
+def visual_tokens(budget: TokenBudget, frames: np.ndarray) -> np.ndarray:
+    """LLM visual tokens per sample, shape ``(n,)``: ``budget.llm_visual_tokens`` itself,
+    evaluated once per distinct frame count (so the rounding is exactly the builder's)."""
+    frames = np.asarray(frames, dtype=np.int64)
+    distinct, inverse = np.unique(frames, return_inverse=True)
+    per_t = np.array([budget.llm_visual_tokens(int(t), int(t) > 1) for t in distinct.tolist()], dtype=np.int64)
+    return per_t[inverse.reshape(-1)]
+
+
+def sample_table(budget: TokenBudget, frames: np.ndarray, text_tokens: np.ndarray) -> SampleTable:
+    """What the planner sees of samples with ``frames`` (n,) frames and ``text_tokens`` (n,)
+    question + answer tokens (specials excluded): rows ``0..n-1``, the text column counting every
+    non-visual token of the packed sequence (specials and frame separators included)."""
+    frames = np.asarray(frames, dtype=np.int64)
+    other = np.asarray(text_tokens, dtype=np.int64) + SPECIAL_TOKENS + budget.separator_tokens(frames)
+    n = len(frames)
+    return SampleTable(index=np.arange(n), frames=frames, patches_per_frame=np.full(n, budget.patches_per_frame),
+                       groups_per_frame=np.full(n, budget.groups_per_frame),
+                       llm_visual_tokens=visual_tokens(budget, frames), text_tokens=other, is_video=frames > 1)
+
+
+def digits_text_tokens(dataset: DigitsDataset, tokenizer: Any) -> np.ndarray:
+    """Question + answer tokens of every digits sample, shape ``(len(dataset),)``, without
+    rendering a frame: the task is the first draw of the sample's generator in ``make_sample``
+    (``default_rng([seed, index, split])``), and each task has a fixed question and one-word
+    answers. The balanced split checks every collated batch against these counts."""
+    split = 0 if dataset.split == "train" else 1
+    per_task = []
+    for task in dataset.tasks:
+        answer_tokens = {len(tokenizer.encode(a)) for a in ANSWERS[task]}
+        per_task.append(len(tokenizer.encode(QUESTIONS[task])) + max(answer_tokens))
+    per_task_arr = np.asarray(per_task, dtype=np.int64)
+    draws = np.fromiter((np.random.default_rng([dataset.seed, i, split]).integers(len(dataset.tasks))
+                         for i in range(len(dataset))), dtype=np.int64, count=len(dataset))
+    return per_task_arr[draws]
+
+
+def digits_table(budget: TokenBudget, dataset: DigitsDataset, tokenizer: Any) -> SampleTable:
+    """:func:`sample_table` of the in-memory digits (frame counts from ``clip_frames``)."""
+    frames = np.fromiter((dataset.frames_for(i) for i in range(len(dataset))), np.int64, len(dataset))
+    return sample_table(budget, frames, digits_text_tokens(dataset, tokenizer))

@@ -1,0 +1,100 @@
+"""The sample-source stack (``stts_dist/samples``): sampler -> split -> reader -> collate.
+
+The shard path is checked against the data pipeline's own ``VideoLoader`` (what the trainer read
+before the stack), sample for sample, on every rank, across epochs and through saved states."""
+import numpy as np
+import pytest
+
+from shard_utils import tiny_shards
+
+
+def _ids(samples):
+    return [s["id"] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return tiny_shards(tmp_path_factory.mktemp("stack"))
+
+
+def _loader(shards, rank, **extra):
+    from data_pipeline.loader import VideoLoader
+    return VideoLoader({"datasets": [{"path": str(shards)}], "seed": 3, "num_workers": 0, **extra},
+                       dp_rank=rank, dp_size=2)
+
+
+def _shard_stack(shards, rank, workers=1):
+    from data_pipeline.dataset_index import load_index
+    from stts_dist.samples import SampleStack, ShardOrderSampler, ShardReader, StridedSplit
+    index = load_index(shards)
+    return SampleStack(ShardOrderSampler(index, 4, 3, rank, 2), StridedSplit(rank, 2), ShardReader(index, workers))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_shard_stack_reads_exactly_what_the_video_loader_reads_across_epochs(shards, rank):
+    # 12 samples over 2 ranks = 6 per rank, 2 per step: 3 steps per epoch, so 7 steps cross two epochs
+    it = _loader(shards, rank).iter_batches(2, _ids, epochs=None)
+    expected = [next(it) for _ in range(7)]
+    assert len({i for b in expected[:3] for i in b}) == 6          # an epoch: 6 distinct samples per rank
+    stack = _shard_stack(shards, rank)
+    got, states = zip(*stack.batches(7, _ids))
+    assert list(got) == expected
+    assert [(s["sampler"]["epoch"], s["sampler"]["position"]) for s in states] == [
+        (0, 2), (0, 4), (0, 6), (1, 2), (1, 4), (1, 6), (2, 2)]
+
+
+def test_shard_stack_state_is_the_loaders_both_ways(shards):
+    from stts_dist.samples import upgrade_state
+    it = _loader(shards, 1).iter_batches(2, _ids, epochs=None)
+    expected = [next(it) for _ in range(6)]
+    head = _shard_stack(shards, 1)
+    _ = [b for b, _ in head.batches(4, _ids)]
+    # the stack's saved sampler state resumes the data pipeline's loader ...
+    loader = _loader(shards, 1)
+    loader.load_state_dict(head.state_dict()["sampler"])
+    assert [b for b in loader.iter_batches(2, _ids, epochs=1)][:2] == expected[4:6]
+    # ... and a checkpoint written by the loader-based source before the stack resumes the stack
+    old = _loader(shards, 1)
+    old_it = old.iter_batches(2, _ids, epochs=None)
+    _ = [next(old_it) for _ in range(4)]
+    legacy = old.state_dict()
+    assert "sampler" not in legacy and upgrade_state(legacy)["sampler"] is legacy
+    tail = _shard_stack(shards, 1, workers=0)
+    tail.load_state_dict(legacy)
+    assert [b for b, _ in tail.batches(2, _ids)] == expected[4:6]
+    with pytest.raises(ValueError, match=r"cannot resume the data loader: seed \(saved 3, now 4\)"):
+        from data_pipeline.dataset_index import load_index
+        from stts_dist.samples import ShardOrderSampler
+        ShardOrderSampler(load_index(shards), 4, 4, 1, 2).load_state_dict(legacy)
+
+
+def test_digits_stack_resumes_from_the_unbalanced_sources_older_state():
+    from stts_dist.samples import DigitsDataset, DigitsReader, PermutationSampler, SampleStack, StridedSplit
+
+    def stack():
+        return SampleStack(PermutationSampler(10, 4, 5), StridedSplit(1, 2),
+                           DigitsReader(DigitsDataset(10, 5, 2, 32, ["count"])))
+    full = [b for b, _ in stack().batches(5, _ids)]
+    assert [len(b) for b in full] == [2] * 5
+    rows = np.concatenate([np.random.default_rng([5, e]).permutation(10)[:8] for e in (0, 1, 2)])
+    assert full == [[f"digits-train-5-{r}" for r in rows[4 * s + 1:4 * s + 4:2]] for s in range(5)]
+    older = {"epoch": 1, "position": 4, "seed": 5, "size": 10}   # EpochSampler's format: after step 3
+    resumed = stack()
+    resumed.load_state_dict(older)
+    assert [b for b, _ in resumed.batches(2, _ids)] == full[3:5]
+    assert resumed.state_dict() == {"version": 2, "sampler": {"epoch": 2, "position": 4, "seed": 5, "size": 10},
+                                    "split": None}
+
+
+def test_heldout_shards_are_read_in_shard_order_split_over_ranks(shards):
+    from data_pipeline.loader import VideoLoader
+    from stts_dist.heldout import ShardSource
+    in_order = [s["id"] for s in VideoLoader({"datasets": [{"path": str(shards)}], "shuffle_shards": False,
+                                              "shuffle_window": 0, "num_workers": 0})]
+    source = ShardSource(str(shards), limit=7, workers=1)
+    per_rank = [source.samples(source.frames, r, 2) for r in range(2)]
+    assert [s["id"] for s in per_rank[0]] == in_order[0:7:2]
+    assert [s["id"] for s in per_rank[1]] == in_order[1:7:2]
+    sample = per_rank[1][0]
+    assert isinstance(sample["frames"], np.ndarray) and sample["frames"].dtype == np.uint8
+    assert sample["frames"].shape[1:] == (32, 32, 3) and set(sample) == {"frames", "question", "answer", "id", "task"}
