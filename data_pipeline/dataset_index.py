@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class DatasetIndex:
     text_tokens: np.ndarray       # (N,) int64
     is_video: np.ndarray          # (N,) bool
     config: dict
+    turns: Optional[np.ndarray] = None   # (N,) int64 follow-up turns; None: an index written before they were counted
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -93,4 +95,5 @@ def load_index(shard_dir: str | Path, name: str = "") -> DatasetIndex:
         shard_of_sample=shard_of_sample, keys=[r["key"] for r in rows], ids=[r["id"] for r in rows],
         tasks=[r["task"] for r in rows], frames=col("frames"), patches_per_frame=col("patches_per_frame"),
         groups_per_frame=col("groups_per_frame"),
-        text_tokens=col("text_tokens"), is_video=col("is_video", bool), config=index.get("config", {}))
+        text_tokens=col("text_tokens"), is_video=col("is_video", bool), config=index.get("config", {}),
+        turns=col("turns") if all("turns" in r for r in rows) else None)

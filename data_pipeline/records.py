@@ -21,7 +21,7 @@ from stts_dist.tokenizer import WORD_SPLIT_NAME, word_pieces
 RECORD_VERSION = 2
 # The index row: what the loader and the balancer read for every sample.
 INDEX_FIELDS = ("shard", "key", "id", "task", "frames", "patches_per_frame", "groups_per_frame",
-                "text_tokens", "is_video")
+                "text_tokens", "is_video", "turns")   # turns: the number of follow-up turns
 
 
 def text_token_counter() -> tuple[Callable[[str], int], str]:
@@ -66,8 +66,8 @@ def build_record(entry: ManifestEntry, clip: DecodedClip, key: str, cfg: Any, te
 
 
 def index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
-    row = {k: record[k] for k in INDEX_FIELDS if k != "shard"}
-    row["shard"] = shard
+    row = {k: record[k] for k in INDEX_FIELDS if k not in ("shard", "turns")}
+    row["shard"], row["turns"] = shard, len(record["turns"])
     return {k: row[k] for k in INDEX_FIELDS}
 
 

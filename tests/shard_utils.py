@@ -1,8 +1,11 @@
 """A tiny shard folder written in-process (no Ray), for the tests of what reads shards."""
 
 
-def tiny_shards(tmp_path):
-    """12 variable-length digits clips (2..12 frames) sharded in-process (no Ray), npy frames."""
+def tiny_shards(tmp_path, follow_up_turns=None):
+    """12 variable-length digits clips (2..12 frames) sharded in-process (no Ray), npy frames.
+    ``follow_up_turns(row) -> [{"question", "answer"}, ...]`` adds turns to the manifest's lines."""
+    import json
+
     from omegaconf import OmegaConf
 
     from data_pipeline.build_shards import file_sha256, make_plan, write_index, write_vocabulary
@@ -16,6 +19,10 @@ def tiny_shards(tmp_path):
     def variable(index, seed, frames, size, tasks, split="train"):
         return make_sample(index, seed, 2 + (index * 5) % 11, size, tasks, split)
     manifest = write_synthetic(tmp_path / "src", 12, 12, 32, 0, sample_fn=variable)
+    if follow_up_turns is not None:
+        lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+        manifest.write_text("".join(json.dumps({**line, "turns": follow_up_turns(row)}) + "\n"
+                                    for row, line in enumerate(lines)))
     out = tmp_path / "shards"
     out.mkdir()
     cfg = OmegaConf.structured(ShardingConfig(manifest=str(manifest), out_dir=str(out), image_size=32, patch_size=8,

@@ -6,9 +6,14 @@ deterministic visual token count, plus one ``<frame>`` per frame when separators
 
     <bos> <user> <video>*n question-words <assistant> | answer-words <eos>
 
-Labels are next-token targets on the answer part only. A sample with its answer is therefore
-``SPECIAL_TOKENS + span + question + answer`` tokens long, which the balancer budgets from
-metadata.
+and, in training, every follow-up turn of the conversation (a manifest's ``turns``) after it:
+
+    <user> question-words <assistant> | answer-words <eos>
+
+Labels are next-token targets on the answer parts only (every turn's answer and its ``<eos>``).
+A sample with its answers is therefore ``SPECIAL_TOKENS + span + TURN_TOKENS * follow-up turns +
+the words of every question and answer`` tokens long, which the balancer budgets from metadata.
+Generation (``with_answer=False``) asks the first question.
 """
 from __future__ import annotations
 
@@ -23,6 +28,14 @@ from stts_dist.stts.layout import FrameLayout
 
 IGNORE = -100
 SPECIAL_TOKENS = 4        # <bos> <user> <assistant> <eos> of the layout above
+TURN_TOKENS = 3           # <user> <assistant> <eos> of each follow-up turn
+
+
+def follow_up_turns(sample: dict) -> list[tuple[str, str]]:
+    """The sample's follow-up ``(question, answer)`` turns: a shard record's ``turns`` (dicts) or
+    a manifest entry's (pairs); none for a single question."""
+    turns = sample.get("turns") or []
+    return [(str(t["question"]), str(t["answer"])) if isinstance(t, dict) else (str(t[0]), str(t[1])) for t in turns]
 
 
 @dataclass
@@ -95,11 +108,20 @@ class SequenceBuilder:
             span = n_vis + budget.separator_tokens(T)
             prompt = [self.tok.bos_id, self.tok.user_id] + [self.tok.video_id] * span + \
                 self.tok.encode(str(s["question"])) + [self.tok.assistant_id]
-            answer = (self.tok.encode(str(s["answer"])) + [self.tok.eos_id]) if with_answer else []
-            seq = prompt + answer
+            seq = list(prompt)
+            answer_spans = []                     # [start, end) of each answer (+ <eos>) in seq
+            if with_answer:
+                turns = [(None, str(s["answer"]))] + follow_up_turns(s)
+                for turn, (question, answer) in enumerate(turns):
+                    if turn:
+                        seq += [self.tok.user_id] + self.tok.encode(question) + [self.tok.assistant_id]
+                    start = len(seq)
+                    seq += self.tok.encode(answer) + [self.tok.eos_id]
+                    answer_spans.append((start, len(seq)))
             lab = [IGNORE] * len(seq)
-            for i in range(len(prompt) - 1, len(seq) - 1):
-                lab[i] = seq[i + 1]
+            for start, end in answer_spans:
+                for i in range(start - 1, end - 1):
+                    lab[i] = seq[i + 1]
             ids.append(seq)
             labels.append(lab)
             seq_lengths.append(len(seq))

@@ -89,7 +89,7 @@ def training_stack(cfg: Any, budget: TokenBudget, dp_rank: int, dp_size: int, sh
         if (index.patches_per_frame != budget.patches_per_frame).any():
             raise ValueError(f"{shard_dir} was sharded with {int(index.patches_per_frame[0])} patches per frame "
                              f"but the model sees {budget.patches_per_frame}; re-shard at model.vit.image_size")
-        table = sample_table(budget, index.frames, index.text_tokens)
+        table = sample_table(budget, index.frames, index.text_tokens, index.turns)
     split = balanced_split(cfg, budget, table, dp_rank, dp_size, tokenizer.vocab_size, reader.exact_text)
     window = cfg.balance.window or cfg.train.batch_size
     return SampleStack(PermutationSampler(len(table), window, d.seed), split, reader)

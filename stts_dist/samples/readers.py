@@ -101,7 +101,7 @@ class DigitsReader:
 class ShardReader:
     """Samples of one shard folder by index row, decoded in DataLoader workers."""
 
-    exact_text = False   # the index counts all turns' text; the builder uses question + answer only
+    exact_text = False   # the index counts word pieces; the check refuses only longer sequences than budgeted
 
     def __init__(self, index: DatasetIndex, num_workers: int = 0):
         self.index, self.num_workers = index, num_workers

@@ -137,5 +137,6 @@ class BalancedSplit:
             raise TokenCountMismatch(
                 f"sample {batch.ids[i]} (row {int(rows[i])}) has {int(actual[i])} LLM tokens but the "
                 f"balancer budgeted {int(planned[i])} from its metadata ({len(np.nonzero(bad)[0])} such samples); "
-                "the metadata (frames, text tokens, prune ratio, frame separators) disagrees with the data -- "
-                "re-shard with the model's settings")
+                "the metadata (frames, text tokens, follow-up turns, prune ratio, frame separators) disagrees with "
+                "the data -- re-shard with the model's settings (shards written before follow-up turns were "
+                "counted in index.json need it too)")

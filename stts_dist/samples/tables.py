@@ -3,16 +3,17 @@ dataset row, from metadata alone (no frame is rendered or decoded).
 
 Token counts come from the run's :class:`~stts_dist.stts.budget.TokenBudget`: LLM visual tokens
 ``G*T - int(G*r*T)`` plus every other token of the packed sequence (the sequence builder's
-``SPECIAL_TOKENS``, question, answer, one separator per frame when enabled).
+``SPECIAL_TOKENS``, every question and answer, ``TURN_TOKENS`` per follow-up turn, one separator
+per frame when enabled).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from stts_dist.balance import SampleTable
-from stts_dist.data.batch import SPECIAL_TOKENS
+from stts_dist.data.batch import SPECIAL_TOKENS, TURN_TOKENS
 from stts_dist.data.digits import ANSWERS, QUESTIONS
 from stts_dist.samples.readers import DigitsDataset
 from stts_dist.stts.budget import TokenBudget
@@ -27,12 +28,16 @@ def visual_tokens(budget: TokenBudget, frames: np.ndarray) -> np.ndarray:
     return per_t[inverse.reshape(-1)]
 
 
-def sample_table(budget: TokenBudget, frames: np.ndarray, text_tokens: np.ndarray) -> SampleTable:
-    """What the planner sees of samples with ``frames`` (n,) frames and ``text_tokens`` (n,)
-    question + answer tokens (specials excluded): rows ``0..n-1``, the text column counting every
-    non-visual token of the packed sequence (specials and frame separators included)."""
+def sample_table(budget: TokenBudget, frames: np.ndarray, text_tokens: np.ndarray,
+                 turns: Optional[np.ndarray] = None) -> SampleTable:
+    """What the planner sees of samples with ``frames`` (n,) frames, ``text_tokens`` (n,) tokens of
+    every question and answer (specials excluded) and ``turns`` (n,) follow-up turns (None: none):
+    rows ``0..n-1``, the text column counting every non-visual token of the packed sequence
+    (specials, each follow-up turn's ``TURN_TOKENS`` and the frame separators included)."""
     frames = np.asarray(frames, dtype=np.int64)
     other = np.asarray(text_tokens, dtype=np.int64) + SPECIAL_TOKENS + budget.separator_tokens(frames)
+    if turns is not None:
+        other = other + TURN_TOKENS * np.asarray(turns, dtype=np.int64)
     n = len(frames)
     return SampleTable(index=np.arange(n), frames=frames, patches_per_frame=np.full(n, budget.patches_per_frame),
                        groups_per_frame=np.full(n, budget.groups_per_frame),

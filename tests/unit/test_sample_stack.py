@@ -98,3 +98,79 @@ def test_heldout_shards_are_read_in_shard_order_split_over_ranks(shards):
     sample = per_rank[1][0]
     assert isinstance(sample["frames"], np.ndarray) and sample["frames"].dtype == np.uint8
     assert sample["frames"].shape[1:] == (32, 32, 3) and set(sample) == {"frames", "question", "answer", "id", "task"}
+
+
+# -- conversations: every follow-up turn is trained, and budgeted ---------------------------------
+
+def _turns(row):
+    """Row r's follow-up turns: r % 3 of them, digits questions and answers (in the word vocabulary)."""
+    from stts_dist.data.digits import QUESTIONS
+    return [{"question": QUESTIONS["count"], "answer": str(1 + (row + k) % 3)} for k in range(row % 3)]
+
+
+def test_follow_up_turns_are_trained_with_labels_on_every_answer():
+    from stts_dist.data.batch import IGNORE, SPECIAL_TOKENS, TURN_TOKENS, SequenceBuilder
+    from stts_dist.data.digits import QUESTIONS
+    from stts_dist.stts.budget import TokenBudget
+    from stts_dist.tokenizer import default_tokenizer
+    tok = default_tokenizer()
+    budget = TokenBudget(method="none", prune_ratio=0.0, groups_per_frame=4, patches_per_frame=16)
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    single = {"frames": frames, "question": QUESTIONS["last"], "answer": "7", "id": "a"}
+    turns = [{"question": QUESTIONS["count"], "answer": "2"}, {"question": QUESTIONS["corner"], "answer": "9"}]
+    as_dicts, as_pairs = dict(single, turns=turns), dict(single, turns=[(t["question"], t["answer"]) for t in turns])
+    build = SequenceBuilder(tok, budget, 32)
+    one, multi, pairs = build([single]), build([as_dicts]), build([as_pairs])
+    assert torch_equal(multi.input_ids, pairs.input_ids) and torch_equal(multi.labels, pairs.labels)
+    q = {k: len(tok.encode(v)) for k, v in QUESTIONS.items()}
+    span = 3 * 4
+    assert one.seq_lengths == [SPECIAL_TOKENS + span + q["last"] + 1]
+    assert multi.seq_lengths == [SPECIAL_TOKENS + span + q["last"] + 1 + 2 * TURN_TOKENS + q["count"] + 1 + q["corner"] + 1]
+    # the single-question sequence is the conversation's prefix, and only answers (+ <eos>) are targets
+    n = one.seq_lengths[0]
+    assert multi.input_ids[:n].tolist() == one.input_ids.tolist()
+    rest = multi.input_ids[n:].tolist()
+    assert rest == ([tok.user_id] + tok.encode(QUESTIONS["count"]) + [tok.assistant_id] + tok.encode("2") + [tok.eos_id] +
+                    [tok.user_id] + tok.encode(QUESTIONS["corner"]) + [tok.assistant_id] + tok.encode("9") + [tok.eos_id])
+    targets = multi.labels[multi.labels != IGNORE].tolist()
+    assert targets == tok.encode("7") + [tok.eos_id] + tok.encode("2") + [tok.eos_id] + tok.encode("9") + [tok.eos_id]
+    # generation asks the first question only
+    assert build([as_dicts], with_answer=False).input_ids.tolist() == build([single], with_answer=False).input_ids.tolist()
+
+
+def torch_equal(a, b):
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_balanced_shards_with_follow_up_turns_budget_exactly_what_the_builder_packs(tmp_path):
+    from conftest import tiny_overrides
+    from data_pipeline.dataset_index import load_index
+    from stts_dist.config import load_config
+    from stts_dist.data.batch import SequenceBuilder
+    from stts_dist.samples import training_stack
+    from stts_dist.stts.budget import TokenBudget
+    from stts_dist.tokenizer import default_tokenizer
+    shards = tiny_shards(tmp_path, follow_up_turns=_turns)
+    index = load_index(shards)
+    assert index.turns.tolist() == [len(_turns(int(i.split("-")[-1]))) for i in index.ids]   # ids end in the row
+    assert sorted(set(index.turns.tolist())) == [0, 1, 2]
+    cfg = load_config(None, tiny_overrides(**{"balance.enabled": True, "data.source": "shards", "data.path": str(shards),
+                                              "data.num_frames": 12, "train.batch_size": 4}))
+    budget, tok = TokenBudget.from_model_config(cfg.model), default_tokenizer()
+    stack = training_stack(cfg, budget, 0, 1, shards, tok)
+    collate = SequenceBuilder(tok, budget, cfg.model.vit.image_size)
+    seen = 0
+    for batch, _ in stack.batches(3, collate):
+        rows = [index.ids.index(i) for i in batch.ids]
+        assert batch.seq_lengths == stack.split.table.llm_tokens[rows].tolist()     # exact, turns included
+        seen += sum(int(index.turns[r]) for r in rows)
+    assert seen > 0
+    # an index written before turns were counted budgets them as absent: refused by the token check
+    legacy = load_index(shards)
+    legacy.turns = None
+    from stts_dist.samples import TokenCountMismatch, sample_table
+    short = sample_table(budget, legacy.frames, legacy.text_tokens, legacy.turns)
+    stack.split.table = short
+    with pytest.raises(TokenCountMismatch, match="written before follow-up turns were counted"):
+        for _ in stack.batches(3, collate):
+            pass
