@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from data_pipeline.shard_io import atomic_write_bytes
-from stts_dist.data.digits import clip_frames
+from stts_dist.config import DataConfig
+from stts_dist.data.digits import clip_frames, make_sample
 
 SampleFn = Callable[..., dict[str, Any]]
 
@@ -54,7 +55,6 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 12) -
 
 
 def default_sample_fn() -> SampleFn:
-    from stts_dist.data.digits import make_sample
     return make_sample
 
 
@@ -71,7 +71,6 @@ def write_synthetic(out: str | Path, num: int, frames: int, image_size: int, see
         raise ValueError(f"need num >= 1, frames >= 1, image_size >= 2 (got {num}, {frames}, {image_size})")
     sample_fn = sample_fn or default_sample_fn()
     if tasks is None:
-        from stts_dist.config import DataConfig
         tasks = list(DataConfig().tasks)
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)

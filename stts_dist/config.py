@@ -19,7 +19,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-PRUNE_METHODS = ("none", "random", "uniform", "temporal_diff", "scorer")
+from stts_dist.balance.planner import METHODS as BALANCE_METHODS
+from stts_dist.data.digits import DIGIT_STYLES, TASKS
+from stts_dist.stts.budget import METHODS as PRUNE_METHODS
+
 ATTENTION_BACKENDS = ("auto", "bucketed", "padded", "block_diag", "flash_varlen")
 
 
@@ -400,8 +403,17 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Semantic checks that types alone cannot express."""
-    m = cfg.model
+    """Semantic checks that types alone cannot express, one section at a time; the first failing
+    check raises :class:`ConfigError` naming the key and the fix."""
+    _validate_model(cfg.model)
+    _validate_data(cfg.data, cfg.model)
+    _validate_train(cfg.train)
+    _validate_parallel(cfg.parallel, cfg.model)
+    _validate_balance(cfg.balance, cfg)
+    _validate_tracking(cfg.tracking)
+
+
+def _validate_model(m: Any) -> None:
     s = m.stts
     for key, n in (("model.vit.image_size", m.vit.image_size), ("model.vit.patch_size", m.vit.patch_size),
                    ("model.vit.heads", m.vit.heads), ("model.llm.heads", m.llm.heads),
@@ -433,7 +445,10 @@ def validate(cfg: Any) -> None:
                f"model.connector.layers entry {layer} is outside the ViT's {m.vit.depth} blocks")
     _check(m.connector.pool_size >= 1, "model.connector.pool_size must be >= 1")
     _check(s.novelty_from in ("block", "embed"), f"model.stts.novelty_from='{s.novelty_from}' must be block or embed")
-    d = cfg.data
+
+
+def _validate_data(d: Any, m: Any) -> None:
+    s = m.stts
     _check(d.source in SOURCES, f"data.source='{d.source}' must be one of {SOURCES}")
     _check(d.source in DIGITS_SOURCES or bool(d.path),
            f"data.source={d.source} needs data.path (a shard folder or a manifest .jsonl)")
@@ -445,7 +460,6 @@ def validate(cfg: Any) -> None:
         _check(Path(d.eval_path).exists(), f"data.eval_path={d.eval_path} does not exist; point it at a held-out "
                "manifest (.jsonl, like the training one) or a shard folder")
     if d.source in DIGITS_SOURCES:
-        from stts_dist.data.digits import DIGIT_STYLES, TASKS
         unknown = [t for t in d.tasks if t not in TASKS]
         _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "
                f"the moving-digits tasks are {list(TASKS)}")
@@ -466,7 +480,9 @@ def validate(cfg: Any) -> None:
         _check(s.prune_ratio <= (T - 1) / T,
                f"model.stts.prune_ratio={s.prune_ratio} cannot be met with {T}-frame videos while keeping "
                f"the first frame whole; use prune_ratio <= {(T - 1) / T:.3f} or more frames (data.num_frames)")
-    t = cfg.train
+
+
+def _validate_train(t: Any) -> None:
     _check(t.batch_size >= 1, "train.batch_size must be >= 1")
     _check(t.steps >= 0, "train.steps must be >= 0")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' must be auto, cpu or cuda")
@@ -475,10 +491,11 @@ def validate(cfg: Any) -> None:
     for r in t.eval_prune_ratios:
         _check(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r < 1.0,
                f"train.eval_prune_ratios entry {r} must be a number in [0, 1)")
-    from stts_dist.stts.selection import METHODS
-    bad = [m for m in t.eval_methods if m not in METHODS]
-    _check(not bad, f"train.eval_methods entries {bad} are not pruning methods; choose from {list(METHODS)}")
-    par = cfg.parallel
+    bad = [m for m in t.eval_methods if m not in PRUNE_METHODS]
+    _check(not bad, f"train.eval_methods entries {bad} are not pruning methods; choose from {list(PRUNE_METHODS)}")
+
+
+def _validate_parallel(par: Any, m: Any) -> None:
     _check(par.engine in ("auto", "local", "deepspeed"), f"parallel.engine='{par.engine}' must be auto, local or deepspeed")
     _check(par.tensor_parallel >= 1, "parallel.tensor_parallel must be >= 1")
     _check(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
@@ -489,8 +506,10 @@ def validate(cfg: Any) -> None:
     for what, n in (("model.llm.heads", m.llm.heads), ("model.llm.kv_heads", m.llm.kv_heads),
                     ("model.vit.heads", m.vit.heads), ("model.llm.ffn", m.llm.ffn), ("model.vit.mlp_dim", m.vit.mlp_dim)):
         _check(n % tp == 0, f"{what}={n} must be divisible by parallel.tensor_parallel={tp}")
-    b = cfg.balance
-    from stts_dist.balance.planner import METHODS as BALANCE_METHODS
+
+
+def _validate_balance(b: Any, cfg: Any) -> None:
+    s, d, par = cfg.model.stts, cfg.data, cfg.parallel
     _check(b.method in BALANCE_METHODS, f"balance.method='{b.method}' must be one of {BALANCE_METHODS}")
     for key in ("max_llm_tokens_per_micro", "max_vit_frames_per_micro", "window"):
         _check(getattr(b, key) >= 0, f"balance.{key}={getattr(b, key)} must be >= 0 (0 = "
@@ -503,7 +522,9 @@ def validate(cfg: Any) -> None:
         _check(b.max_vit_frames_per_micro == 0 or b.max_vit_frames_per_micro >= d.num_frames,
                f"balance.max_vit_frames_per_micro={b.max_vit_frames_per_micro} is below data.num_frames="
                f"{d.num_frames}: the longest video would never fit; raise it to >= {d.num_frames} or use 0")
-    tr = cfg.tracking
+
+
+def _validate_tracking(tr: Any) -> None:
     _check(tr.log_every >= 1, f"tracking.log_every={tr.log_every} must be >= 1")
     if tr.enabled:
         _check(bool(str(tr.tracking_uri).strip()), "tracking.tracking_uri is empty; use e.g. sqlite:///mlruns.db "

@@ -23,6 +23,7 @@ from data_pipeline.errors import VideoReadError
 from data_pipeline.manifest import read_manifest
 from stts_dist.config import DIGITS_SOURCES
 from stts_dist.samples import DigitsDataset, DigitsReader, ManifestReader, ShardReader, digits_dataset
+from stts_dist.tokenizer import word_pieces
 
 
 class EvalError(ValueError):
@@ -135,7 +136,6 @@ def unknown_word_report(tokenizer: Any, samples: Sequence[dict]) -> Optional[dic
     and the most frequent. None for tokenizers without a closed vocabulary (a pretrained LLM's)."""
     if not hasattr(tokenizer, "unknown_words"):
         return None
-    from stts_dist.tokenizer import word_pieces
     texts = [s[k] for s in samples for k in ("question", "answer")]
     unknown: Counter = tokenizer.unknown_words(texts)
     words = sum(len(word_pieces(t)) for t in texts)

@@ -24,11 +24,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from data_pipeline.errors import VideoReadError
+from data_pipeline.video import read_clip
+from stts_dist.checkpoint_io import CheckpointLoadError
+from stts_dist.console import quiet_known_warnings
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.device import DeviceError, resolve_device
-from stts_dist.ops.groups import ungroup_mask
 from stts_dist.model.generate import generate
 from stts_dist.model.vlm import VideoVLM
+from stts_dist.ops.groups import ungroup_mask
 from stts_dist.stts.selection import METHODS
 
 
@@ -40,9 +44,6 @@ class InferenceInputError(ValueError):
 def load_video_frames(path: str | Path, num_frames: int, image_size: int) -> np.ndarray:
     """(T, S, S, 3) uint8: ``num_frames`` frames uniformly over the clip (fewer when the clip is
     shorter), scaled to cover and center-cropped to ``image_size``."""
-    from data_pipeline.errors import VideoReadError
-    from data_pipeline.video import read_clip
-
     if num_frames < 1:
         raise InferenceInputError(f"--frames must be >= 1, got {num_frames}")
     try:
@@ -242,8 +243,6 @@ def run(argv: Optional[Sequence[str]] = None) -> list[Answer]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from stts_dist.checkpoint_io import CheckpointLoadError
-    from stts_dist.console import quiet_known_warnings
     quiet_known_warnings()
 
     try:

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer as _Pipeline
 from tokenizers import normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from stts_dist.data.digits import vocabulary
+
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<video>", "<frame>", "<user>", "<assistant>")
 # Names the text splitting; stored with shard plans so token counts made by another splitting never mix.
 WORD_SPLIT_NAME = "stts_dist.tokenizer.word_pieces/v2"
@@ -103,7 +105,6 @@ class WordTokenizer:
 
 def default_tokenizer() -> WordTokenizer:
     """The tokenizer of the built-in moving-digits task (plus digits/words users commonly need)."""
-    from stts_dist.data.digits import vocabulary
     extra = [str(i) for i in range(10)] + "yes no left right up down top bottom the a is what which how many".split()
     return WordTokenizer(vocabulary() + extra)
 

@@ -47,6 +47,10 @@ def llm_visual_tokens(groups: int, frames: int, prune_ratio: float, is_video: bo
     return groups * frames - pruned_groups(groups, frames, prune_ratio, is_video)
 
 
+# The selection methods (``stts/selection.py`` implements them; the config checks names against this)
+METHODS = ("none", "random", "uniform", "temporal_diff", "scorer")
+
+
 @dataclass(frozen=True)
 class TokenBudget:
     """One pruning setting and every token count that follows from it.

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stts_dist.ops.groups import group_patches
+from stts_dist.ops.groups import group_patches, ungroup_mask
 from stts_dist.ops.pooling import MeanQueryAttentionPool
 from stts_dist.stts.layout import FrameLayout
 
@@ -84,7 +84,6 @@ def key_bias_from_scores(scores: torch.Tensor, grid: int, g: int, layout: FrameL
     Scores (F, G) are upsampled to patches (F, N), min-max rescaled per frame to [exp(floor), 1]
     (first frames forced to 1), and logged, so softmax_j(q.k_j + log s'_j) down-weights key j by
     its score. Returns (F, N)."""
-    from stts_dist.ops.groups import ungroup_mask
     s = ungroup_mask(scores, grid, g)
     lo_val = float(torch.tensor(floor).exp())
     smin = s.min(dim=1, keepdim=True).values

@@ -10,11 +10,8 @@ from typing import Optional
 
 import torch
 
-from stts_dist.stts.budget import TokenBudget
+from stts_dist.stts.budget import METHODS, TokenBudget
 from stts_dist.stts.layout import FrameLayout
-
-METHODS = ("none", "random", "uniform", "temporal_diff", "scorer")
-
 
 def _drop_lowest(values: torch.Tensor, n: int) -> torch.Tensor:
     """values: (T, G); the first frame is protected. Returns keep (T, G) with the n lowest dropped
