@@ -23,6 +23,7 @@ from stts_dist.samples.splits import BalancedSplit, StridedSplit
 from stts_dist.samples.stack import SampleStack
 from stts_dist.samples.tables import digits_table, sample_table
 from stts_dist.stts.budget import TokenBudget
+from stts_dist.tokenizer import WordTokenizer
 
 UNBOUNDED = 1 << 40            # a budget of 0 in the config: larger than any micro-batch
 
@@ -82,6 +83,11 @@ def training_stack(cfg: Any, budget: TokenBudget, dp_rank: int, dp_size: int, sh
             sampler = ShardOrderSampler(reader.index, cfg.train.batch_size, d.seed, dp_rank, dp_size)
         return SampleStack(sampler, StridedSplit(dp_rank, dp_size), reader)
     # pruning-aware split of each global batch across DP ranks
+    if d.source != "digits" and not isinstance(tokenizer, WordTokenizer):
+        raise ValueError(f"balance.enabled=true over shards needs the word tokenizer: {shard_dir}/index.json counts "
+                         f"the words of every question and answer, and this run's {type(tokenizer).__name__} splits "
+                         "text differently, so the balancer's token budgets would not hold; set balance.enabled=false "
+                         "(or leave it unset: auto turns it off)")
     if d.source == "digits":
         table = digits_table(budget, reader.dataset, tokenizer)
     else:

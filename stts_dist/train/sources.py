@@ -78,6 +78,11 @@ def resolve_balancing(cfg, shard_dir: Optional[Path], dp_size: int) -> str:
         b.enabled = False
         why = spread if not varies else f"{spread} but one data-parallel rank"
         return f"balancing off (auto: {why}; nothing to balance)"
+    pre = cfg.model.pretrained
+    if d.source != "digits" and (pre.tokenizer_path or pre.llm_path):
+        b.enabled = False
+        return (f"balancing off (auto: {spread}, but the shard index counts words and this run tokenizes with the "
+                "pretrained LLM's tokenizer, whose token counts the balancer cannot plan from metadata)")
     if cfg.model.stts.adaptive or cfg.parallel.grad_accum_steps != 1:
         b.enabled = False
         what = "model.stts.adaptive" if cfg.model.stts.adaptive else "parallel.grad_accum_steps > 1"

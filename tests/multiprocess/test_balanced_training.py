@@ -327,3 +327,7 @@ def test_auto_balancing_turns_on_exactly_when_clip_lengths_vary_over_several_ran
     monkeypatch.setattr(sources, "load_index", lambda folder: FakeIndex())
     on, why = resolved(4, tmp_path, **{"data.source": "shards", "data.path": str(tmp_path)})
     assert on and "clips of 4-16 frames over 4" in why
+    # a pretrained LLM's tokenizer: the index's word counts are not its token counts
+    on, why = resolved(4, tmp_path, **{"data.source": "shards", "data.path": str(tmp_path),
+                                       "model.pretrained.llm_path": str(tmp_path / "llm")})
+    assert not on and "the shard index counts words" in why

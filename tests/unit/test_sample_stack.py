@@ -174,3 +174,19 @@ def test_balanced_shards_with_follow_up_turns_budget_exactly_what_the_builder_pa
     with pytest.raises(TokenCountMismatch, match="written before follow-up turns were counted"):
         for _ in stack.batches(3, collate):
             pass
+
+
+def test_balancing_shards_with_another_tokenizer_is_refused_naming_the_fix(shards):
+    from conftest import tiny_overrides
+    from stts_dist.config import load_config
+    from stts_dist.samples import training_stack
+    from stts_dist.stts.budget import TokenBudget
+
+    class SubwordTokenizer:              # stands in for a pretrained LLM's tokenizer
+        vocab_size = 100
+
+    cfg = load_config(None, tiny_overrides(**{"balance.enabled": True, "data.source": "shards", "data.path": str(shards),
+                                              "data.num_frames": 12, "train.batch_size": 4}))
+    with pytest.raises(ValueError, match=r"balance.enabled=true over shards needs the word tokenizer: .* "
+                                         r"SubwordTokenizer .* set balance.enabled=false"):
+        training_stack(cfg, TokenBudget.from_model_config(cfg.model), 0, 2, shards, SubwordTokenizer())
