@@ -81,7 +81,6 @@ class ShardSource:
     fixed_frames = True
 
     def __init__(self, path: str, limit: int, workers: int = 0):
-        self.path, self.limit = path, limit
         self.index = load_index(path)
         self.reader = ShardReader(self.index, workers)
         self.tasks = sorted({t or "all" for t in self.index.tasks})

@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from data_pipeline.dataset_index import load_index
+from data_pipeline.dataset_index import DatasetIndex, load_index
 from stts_dist.balance import BalancePlanner, CostModel
 from stts_dist.samples.readers import DigitsDataset, DigitsReader, ShardReader
 from stts_dist.samples.samplers import PermutationSampler, ShardOrderSampler
@@ -37,15 +37,15 @@ def digits_dataset(cfg: Any, split: str = "train") -> DigitsDataset:
                          d.digit_style)
 
 
-def check_clip_lengths(budget: TokenBudget, shard_dir: Path) -> None:
-    """Shards serve every ratio, so whether each clip is long enough for this run's ratio (the
-    first frame is always kept whole) is checked here, at load time, naming the fix."""
+def check_clip_lengths(budget: TokenBudget, index: DatasetIndex) -> None:
+    """Shards serve every ratio, so whether each clip of a shard folder's ``index`` is long enough
+    for this run's ratio (the first frame is always kept whole) is checked here, at load time,
+    naming the fix."""
     ratio = budget.prune_ratio
-    index = load_index(shard_dir)
     too_short = budget.too_short_to_prune(index.frames, index.is_video)
     if too_short.any():
         shortest, longest = int(index.frames[too_short].min()), int(index.frames[too_short].max())
-        raise ValueError(f"{int(too_short.sum())} of {len(index)} clips in {shard_dir} have too few frames "
+        raise ValueError(f"{int(too_short.sum())} of {len(index)} clips in {index.root} have too few frames "
                          f"({shortest}-{longest}) to prune model.stts.prune_ratio={ratio} and keep their first frame: "
                          f"lower the ratio to <= {(shortest - 1) / shortest:.3f}, or drop clips of {longest} frames "
                          f"or fewer from the manifest")
@@ -74,8 +74,9 @@ def training_stack(cfg: Any, budget: TokenBudget, dp_rank: int, dp_size: int, sh
     else:
         if shard_dir is None:
             raise ValueError(f"data.source={d.source} needs its shard folder; call prepare_shards first")
-        check_clip_lengths(budget, shard_dir)
-        reader = ShardReader(load_index(shard_dir), d.num_workers)
+        index = load_index(shard_dir)
+        check_clip_lengths(budget, index)
+        reader = ShardReader(index, d.num_workers)
     if not cfg.balance.enabled:
         if d.source == "digits":
             sampler: Any = PermutationSampler(len(reader), cfg.train.batch_size, d.seed)
@@ -91,7 +92,6 @@ def training_stack(cfg: Any, budget: TokenBudget, dp_rank: int, dp_size: int, sh
     if d.source == "digits":
         table = digits_table(budget, reader.dataset, tokenizer)
     else:
-        index = reader.index
         if (index.patches_per_frame != budget.patches_per_frame).any():
             raise ValueError(f"{shard_dir} was sharded with {int(index.patches_per_frame[0])} patches per frame "
                              f"but the model sees {budget.patches_per_frame}; re-shard at model.vit.image_size")

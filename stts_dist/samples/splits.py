@@ -32,6 +32,8 @@ class TokenCountMismatch(RuntimeError):
 class StridedSplit:
     """Rank ``dp_rank`` of ``dp_size`` takes every ``dp_size``-th row of the window."""
 
+    last_plan = None                  # nothing is planned beyond the rows
+
     def __init__(self, dp_rank: int, dp_size: int):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")

@@ -82,7 +82,7 @@ class SampleStack:
             ahead = []
             for _ in range(min(self.plan_ahead, num_steps - done)):
                 rows, metrics = self.split.assign(self.sampler.next_rows())
-                ahead.append((rows, metrics, getattr(self.split, "last_plan", None), self._live_state()))
+                ahead.append((rows, metrics, self.split.last_plan, self._live_state()))
             built = self.reader.batches([a[0].tolist() for a in ahead], collate)
             for (rows, metrics, plan, state), batch in zip(ahead, built):
                 try:

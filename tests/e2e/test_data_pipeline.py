@@ -462,10 +462,10 @@ def test_shards_serve_every_ratio_and_a_too_short_clip_is_named_at_load_time(tmp
     run = lambda ratio: load_config(None, ["model.vit.image_size=32", f"model.stts.prune_ratio={ratio}",  # noqa: E731
                                            "data.num_frames=6"])
     assert load_index(tmp_path).llm_visual_tokens(0.5).tolist() == [24 - 12, 8 - 4]
-    check_clip_lengths(TokenBudget.from_model_config(run(0.5).model), tmp_path)
+    check_clip_lengths(TokenBudget.from_model_config(run(0.5).model), load_index(tmp_path))
     with pytest.raises(ValueError, match=r"1 of 2 clips .* too few frames \(2-2\) to prune model.stts.prune_ratio=0.8 "
                                          r".* lower the ratio to <= 0.500, or drop clips of 2 frames or fewer"):
-        check_clip_lengths(TokenBudget.from_model_config(run(0.8).model), tmp_path)
+        check_clip_lengths(TokenBudget.from_model_config(run(0.8).model), load_index(tmp_path))
     assert result["shard"] == "shard-000000.tar" and (tmp_path / "shard-000000.done.json").is_file()
     assert not list(tmp_path.glob("*.tmp-*"))  # no temp file left behind
 
