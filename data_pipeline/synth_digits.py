@@ -64,7 +64,8 @@ def write_synthetic(out: str | Path, num: int, frames: int, image_size: int, see
     """Write ``num`` mp4 files under ``out/videos`` and ``out/manifest.jsonl``; returns the manifest path.
 
     ``sample_fn(index, seed, num_frames, image_size, tasks, split=...)`` returns
-    ``{"frames": (T,H,W,3) uint8, "question", "answer", "id", "task", "fps"}``. With
+    ``{"frames": (T,H,W,3) uint8, "question", "answer", "id", "task", "fps"}`` (and ``turns``,
+    follow-up questions written to the manifest, when it has them). With
     ``min_frames`` the clips vary in length, ``min_frames`` .. ``frames``, by the same seeded rule
     as the in-memory digits (``stts_dist.data.digits.clip_frames``)."""
     if num < 1 or frames < 1 or image_size < 2:
@@ -79,9 +80,12 @@ def write_synthetic(out: str | Path, num: int, frames: int, image_size: int, see
         sample = sample_fn(index, seed, clip_frames(index, seed, frames, min_frames), image_size, tasks, split=split)
         rel = f"videos/{sample['id']}.mp4"
         write_mp4(out / rel, sample["frames"], float(sample["fps"]))
-        lines.append(json.dumps({"video": rel, "question": sample["question"], "answer": sample["answer"],
-                                 "id": sample["id"], "task": sample["task"],
-                                 "meta": {"generator": "digits", "seed": seed, "index": index, "split": split}}))
+        entry = {"video": rel, "question": sample["question"], "answer": sample["answer"],
+                 "id": sample["id"], "task": sample["task"]}
+        if sample.get("turns"):      # follow-up questions (make_sample's follow_ups)
+            entry["turns"] = sample["turns"]
+        entry["meta"] = {"generator": "digits", "seed": seed, "index": index, "split": split}
+        lines.append(json.dumps(entry))
     manifest = out / "manifest.jsonl"
     atomic_write_bytes(manifest, ("\n".join(lines) + "\n").encode("utf-8"))
     return manifest

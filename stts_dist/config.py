@@ -148,6 +148,9 @@ class DataConfig:
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["count", "last", "direction", "corner"])
     digit_style: str = "mnist"    # digits tasks: mnist (handwritten) | printed (a font, quicker to learn)
+    # digits tasks: each training clip is also asked its mirror question (which digit appears
+    # first / moves right / ends bottom right) as a second turn; held-out clips ask one question
+    follow_up_questions: bool = False
     num_workers: int = 0
 
 
@@ -459,6 +462,10 @@ def _validate_data(d: Any, m: Any) -> None:
                "evaluates on the digits task's own held-out split: drop data.eval_path")
         _check(Path(d.eval_path).exists(), f"data.eval_path={d.eval_path} does not exist; point it at a held-out "
                "manifest (.jsonl, like the training one) or a shard folder")
+    _check(d.source in DIGITS_SOURCES or not d.follow_up_questions,
+           f"data.follow_up_questions=true asks the generated digits clips a second question; data.source={d.source} "
+           "reads your manifest, whose follow-up questions are each entry's \"turns\" (docs/data.md): drop "
+           "data.follow_up_questions")
     if d.source in DIGITS_SOURCES:
         unknown = [t for t in d.tasks if t not in TASKS]
         _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "

@@ -12,6 +12,13 @@ Tasks (answers are single words):
   shown      "which digit is shown ?"                   -> 0..9  (one moving digit: a direct
              digit-recognition signal that lets a model trained from scratch learn to read digits
              before it can answer the spatio-temporal questions; not in the default mix)
+
+Follow-up questions (``follow_ups=True``, training only): a clip built for one task holds the
+answer to a second question about the same scene, its mirror -- "last" clips also say which digit
+appears first, "direction" clips which digit moves right, "corner" clips which digit ends in the
+bottom right. They are asked after the clip's own question, as a second turn of the conversation
+(``turns``), so one encoded clip teaches two answers. The clip itself is unchanged (no extra random
+draw), the first question is still the clip's own, and evaluation asks only that one.
 """
 from __future__ import annotations
 
@@ -32,6 +39,13 @@ QUESTIONS = {
     "direction": "which digit moves left ?",
     "corner": "which digit is in the top left at the end ?",
     "shown": "which digit is shown ?",
+}
+# a second question that the clip of each task answers too, its mirror (none for "count" and
+# "shown" clips: listing a count clip's digits measured worse, docs/stts.md row 14)
+FOLLOW_UPS = {
+    "last": "which digit appears first ?",
+    "direction": "which digit moves right ?",
+    "corner": "which digit is in the bottom right at the end ?",
 }
 ANSWERS = {
     "count": [str(i) for i in range(1, 4)],
@@ -144,22 +158,31 @@ def clip_frames(index: int, seed: int, num_frames: int, min_frames: int = 0) -> 
     return int(rng.integers(min_frames, num_frames + 1))
 
 
+def clip_task(index: int, seed: int, tasks, split: str = "train") -> str:
+    """Clip ``index``'s task without drawing the clip (the balancer's text-token counts), by the
+    first draw of :func:`make_sample`."""
+    return tasks[int(np.random.default_rng([seed, index, 0 if split == "train" else 1]).integers(len(tasks)))]
+
+
 def make_sample(index: int, seed: int, num_frames: int, image_size: int,
                 tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, split: str = "train",
-                style: str = "mnist") -> dict[str, Any]:
+                style: str = "mnist", follow_ups: bool = False) -> dict[str, Any]:
     """One QA video. ``frames``: uint8 (T, H, W, 3); ``objects``: where every digit is (see
     :func:`stts_dist.object_coverage.object_group_masks`).
 
     ``style``: "mnist" draws handwritten MNIST digits -- ``split`` "train" from the first 90% of
     each class, "eval" from the last 10%, so evaluation never sees a training digit image;
     "printed" draws the digit in a font with a random size, slant and weight (a different draw
-    for every sprite; far quicker for a small ViT to learn to read, see docs/stts.md)."""
+    for every sprite; far quicker for a small ViT to learn to read, see docs/stts.md).
+
+    ``follow_ups``: add ``turns``, the clip's :data:`FOLLOW_UPS` question and its answer (an empty
+    list for tasks without one); the frames and the first question are the same either way."""
     if style not in DIGIT_STYLES:
         raise ValueError(f"digit style {style!r}: choose one of {DIGIT_STYLES}")
     images, _ = load_mnist()
     by_class = split_digit_indices(split)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
-    task = tasks[int(rng.integers(len(tasks)))]
+    task = tasks[int(rng.integers(len(tasks)))]      # clip_task repeats this first draw
     T, S = num_frames, image_size
     px = sprite_size(S)
     margin = S - px
@@ -177,6 +200,7 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
     vel = rng.uniform(-speed / 2, speed / 2, size=(n, 2))
     appear = np.zeros(n, dtype=int)
     answer: str
+    follow_up: str | None = None        # the answer to FOLLOW_UPS[task]
     if task == "count":
         answer = str(n)
     elif task == "last":
@@ -186,6 +210,7 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
         order = rng.permutation(n)
         appear = appear[order]
         answer = str(int(classes[int(np.argmax(appear))]))
+        follow_up = str(int(classes[int(np.argmin(appear))]))
     elif task == "shown":
         answer = str(int(classes[0]))
     elif task == "direction":
@@ -198,6 +223,7 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
                 start[i, 1] = rng.uniform(0, margin * 0.3)
                 vel[i] = (rng.uniform(-speed * 0.2, speed * 0.2), speed * rng.uniform(0.5, 1.0))
         answer = str(int(classes[mover]))
+        follow_up = str(int(classes[1 - mover]))      # the other digit moves right
     else:  # corner: one digit ends in the top-left quadrant, the other in the bottom-right
         end = np.array([[rng.uniform(0, margin * 0.2), rng.uniform(0, margin * 0.2)],
                         [rng.uniform(margin * 0.8, margin), rng.uniform(margin * 0.8, margin)]])
@@ -206,6 +232,7 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
         start = rng.uniform(0, margin, size=(n, 2))
         vel = (ends - start) / max(T - 1, 1)
         answer = str(int(classes[target]))
+        follow_up = str(int(classes[1 - target]))     # the other digit ends in the bottom right
 
     bg = _background(rng, S)
     frames = np.empty((T, S, S, 3), np.uint8)
@@ -226,14 +253,17 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
     # where every digit is (stts_dist.object_coverage scores kept tokens against it)
     objects = {"masks": np.stack([s > STROKE_ALPHA for s in sprites]), "positions": positions, "visible": visible,
                "classes": classes.astype(np.int64)}
-    return {"frames": frames, "question": QUESTIONS[task], "answer": answer,
-            "id": f"digits-{split}-{seed}-{index}", "task": task, "fps": 2.0, "objects": objects}
+    sample = {"frames": frames, "question": QUESTIONS[task], "answer": answer,
+              "id": f"digits-{split}-{seed}-{index}", "task": task, "fps": 2.0, "objects": objects}
+    if follow_ups:
+        sample["turns"] = [{"question": FOLLOW_UPS[task], "answer": follow_up}] if follow_up is not None else []
+    return sample
 
 
 def vocabulary() -> list[str]:
     """Every word the task can produce (the word-level tokenizer is built from it)."""
     words: set[str] = set()
-    for q in QUESTIONS.values():
+    for q in list(QUESTIONS.values()) + list(FOLLOW_UPS.values()):
         words.update(q.split())
     for a in ANSWERS.values():
         words.update(a)

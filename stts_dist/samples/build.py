@@ -30,11 +30,12 @@ UNBOUNDED = 1 << 40            # a budget of 0 in the config: larger than any mi
 
 def digits_dataset(cfg: Any, split: str = "train") -> DigitsDataset:
     """The run's moving-digits clips of ``split`` (train: ``data.train_samples``, eval:
-    ``data.eval_samples``), with the run's clip lengths."""
+    ``data.eval_samples``), with the run's clip lengths. Only training clips carry follow-up
+    questions (``data.follow_up_questions``): held-out clips are asked their own question."""
     d = cfg.data
     size = d.train_samples if split == "train" else d.eval_samples
     return DigitsDataset(size, d.seed, d.num_frames, cfg.model.vit.image_size, d.tasks, split, d.min_frames,
-                         d.digit_style)
+                         d.digit_style, bool(d.follow_up_questions) and split == "train")
 
 
 def check_clip_lengths(budget: TokenBudget, index: DatasetIndex) -> None:

@@ -35,12 +35,14 @@ from stts_dist.data.digits import clip_frames, make_sample
 
 
 class DigitsDataset(Dataset):
-    """The moving-digits QA videos, generated on demand (deterministic in (seed, index, split))."""
+    """The moving-digits QA videos, generated on demand (deterministic in (seed, index, split));
+    ``follow_ups``: each clip also carries its follow-up turn (``make_sample``)."""
 
     def __init__(self, size: int, seed: int, num_frames: int, image_size: int, tasks: Sequence[str],
-                 split: str = "train", min_frames: int = 0, style: str = "mnist"):
+                 split: str = "train", min_frames: int = 0, style: str = "mnist", follow_ups: bool = False):
         self.size, self.seed, self.num_frames, self.image_size = size, seed, num_frames, image_size
         self.tasks, self.split, self.min_frames, self.style = list(tasks), split, min_frames, style
+        self.follow_ups = follow_ups
 
     def __len__(self) -> int:
         return self.size
@@ -50,7 +52,7 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return make_sample(index, self.seed, self.frames_for(index), self.image_size, self.tasks, self.split,
-                           self.style)
+                           self.style, self.follow_ups)
 
 
 class _BatchIterable(torch.utils.data.IterableDataset):

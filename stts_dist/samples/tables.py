@@ -14,7 +14,7 @@ import numpy as np
 
 from stts_dist.balance import SampleTable
 from stts_dist.data.batch import SPECIAL_TOKENS, TURN_TOKENS
-from stts_dist.data.digits import ANSWERS, QUESTIONS
+from stts_dist.data.digits import ANSWERS, FOLLOW_UPS, QUESTIONS, clip_task
 from stts_dist.samples.readers import DigitsDataset
 from stts_dist.stts.budget import TokenBudget
 
@@ -44,23 +44,33 @@ def sample_table(budget: TokenBudget, frames: np.ndarray, text_tokens: np.ndarra
                        llm_visual_tokens=visual_tokens(budget, frames), text_tokens=other, is_video=frames > 1)
 
 
+def _digits_tasks(dataset: DigitsDataset) -> list[str]:
+    """The task of every sample, without rendering a frame (``stts_dist.data.digits.clip_task``)."""
+    return [clip_task(i, dataset.seed, dataset.tasks, dataset.split) for i in range(len(dataset))]
+
+
+def digits_follow_up_turns(dataset: DigitsDataset) -> np.ndarray:
+    """Follow-up turns of every digits sample, shape ``(len(dataset),)``: one for the tasks with a
+    follow-up question when ``dataset.follow_ups``, else none."""
+    return np.asarray([int(dataset.follow_ups and task in FOLLOW_UPS) for task in _digits_tasks(dataset)],
+                      dtype=np.int64)
+
+
 def digits_text_tokens(dataset: DigitsDataset, tokenizer: Any) -> np.ndarray:
-    """Question + answer tokens of every digits sample, shape ``(len(dataset),)``, without
-    rendering a frame: the task is the first draw of the sample's generator in ``make_sample``
-    (``default_rng([seed, index, split])``), and each task has a fixed question and one-word
-    answers. The balanced split checks every collated batch against these counts."""
-    split = 0 if dataset.split == "train" else 1
-    per_task = []
+    """Question + answer tokens of every digits sample, follow-up turn included, shape
+    ``(len(dataset),)``, without rendering a frame: each task has a fixed question (and follow-up
+    question) and one-word answers. The balanced split checks every collated batch against these
+    counts."""
+    per_task = {}
     for task in dataset.tasks:
-        answer_tokens = {len(tokenizer.encode(a)) for a in ANSWERS[task]}
-        per_task.append(len(tokenizer.encode(QUESTIONS[task])) + max(answer_tokens))
-    per_task_arr = np.asarray(per_task, dtype=np.int64)
-    draws = np.fromiter((np.random.default_rng([dataset.seed, i, split]).integers(len(dataset.tasks))
-                         for i in range(len(dataset))), dtype=np.int64, count=len(dataset))
-    return per_task_arr[draws]
+        answer = max(len(tokenizer.encode(a)) for a in ANSWERS[task])
+        per_task[task] = len(tokenizer.encode(QUESTIONS[task])) + answer
+        if dataset.follow_ups and task in FOLLOW_UPS:    # answered with a digit as well
+            per_task[task] += len(tokenizer.encode(FOLLOW_UPS[task])) + answer
+    return np.asarray([per_task[task] for task in _digits_tasks(dataset)], dtype=np.int64)
 
 
 def digits_table(budget: TokenBudget, dataset: DigitsDataset, tokenizer: Any) -> SampleTable:
     """:func:`sample_table` of the in-memory digits (frame counts from ``clip_frames``)."""
     frames = np.fromiter((dataset.frames_for(i) for i in range(len(dataset))), np.int64, len(dataset))
-    return sample_table(budget, frames, digits_text_tokens(dataset, tokenizer))
+    return sample_table(budget, frames, digits_text_tokens(dataset, tokenizer), digits_follow_up_turns(dataset))

@@ -184,3 +184,21 @@ def test_mp4_digits_vary_in_length_exactly_like_the_in_memory_digits(tmp_path):
     assert written == in_memory == [clip_frames(i, 3, 8, 3) for i in range(6)]
     assert all(3 <= n <= 8 for n in written) and len(set(written)) > 1
     assert clip_frames(0, 3, 8, 0) == 8 and clip_frames(0, 3, 8, 8) == 8     # unset / equal: fixed length
+
+
+def test_mp4_digits_write_their_follow_up_questions_as_manifest_turns(tmp_path):
+    """digits_mp4 with data.follow_up_questions: the manifest entry carries the follow-up as
+    ``turns`` (what the shard index counts and the sequence builder packs)."""
+    import functools
+    from data_pipeline.synth_digits import write_synthetic
+    from stts_dist.data.digits import FOLLOW_UPS, make_sample
+    manifest = write_synthetic(tmp_path, 8, frames=4, image_size=32, seed=1,
+                               sample_fn=functools.partial(make_sample, follow_ups=True))
+    entries = read_manifest(manifest)
+    for entry in entries:
+        s = make_sample(int(entry.id.split("-")[-1]), 1, 4, 32, follow_ups=True)
+        assert entry.turns == tuple((t["question"], t["answer"]) for t in s["turns"])
+        assert len(entry.turns) == int(entry.task in FOLLOW_UPS)
+    assert any(entry.turns for entry in entries)
+    plain = write_synthetic(tmp_path / "plain", 8, frames=4, image_size=32, seed=1)
+    assert all(not e.turns for e in read_manifest(plain))

@@ -190,3 +190,68 @@ def test_balancing_shards_with_another_tokenizer_is_refused_naming_the_fix(shard
     with pytest.raises(ValueError, match=r"balance.enabled=true over shards needs the word tokenizer: .* "
                                          r"SubwordTokenizer .* set balance.enabled=false"):
         training_stack(cfg, TokenBudget.from_model_config(cfg.model), 0, 2, shards, SubwordTokenizer())
+
+
+def test_digits_follow_up_questions_answer_the_same_scene():
+    """data.follow_up_questions: the clip is unchanged, and the second question's answer is read
+    off the scene the generator drew (who appears first, who moves right, who ends bottom right)."""
+    from stts_dist.data.digits import FOLLOW_UPS, QUESTIONS, make_sample
+    seen = set()
+    for i in range(40):
+        plain = make_sample(i, 5, 8, 64, style="printed")
+        s = make_sample(i, 5, 8, 64, style="printed", follow_ups=True)
+        assert np.array_equal(plain["frames"], s["frames"]) and plain["answer"] == s["answer"]
+        assert "turns" not in plain and s["question"] == QUESTIONS[s["task"]]
+        objects, task = s["objects"], s["task"]
+        if task == "count":
+            assert s["turns"] == []
+            continue
+        (turn,) = s["turns"]
+        assert turn["question"] == FOLLOW_UPS[task]
+        classes, visible, positions = objects["classes"], objects["visible"], objects["positions"]
+        if task == "last":
+            first_seen = visible.argmax(axis=1)
+            assert turn["answer"] == str(classes[first_seen.argmin()])
+            assert s["answer"] == str(classes[first_seen.argmax()])
+        elif task == "direction":
+            dx = positions[:, -1, 1].astype(int) - positions[:, 0, 1]
+            assert turn["answer"] == str(classes[dx.argmax()]) and dx.max() > 0
+            assert s["answer"] == str(classes[dx.argmin()]) and dx.min() < 0
+        else:
+            end = positions[:, -1].astype(int).sum(axis=1)      # y + x: bottom right is the larger
+            assert turn["answer"] == str(classes[end.argmax()]) and s["answer"] == str(classes[end.argmin()])
+        assert turn["answer"] != s["answer"]
+        seen.add(task)
+    assert seen == {"last", "direction", "corner"}
+
+
+def test_digits_follow_ups_train_on_both_answers_and_are_budgeted_exactly():
+    """Training clips carry the follow-up turn (the balancer's table counts its tokens exactly);
+    held-out clips do not."""
+    from conftest import tiny_overrides
+    from stts_dist.config import load_config
+    from stts_dist.data.batch import IGNORE, SequenceBuilder
+    from stts_dist.samples import digits_table
+    from stts_dist.samples.build import digits_dataset
+    from stts_dist.stts.budget import TokenBudget
+    from stts_dist.tokenizer import default_tokenizer
+    cfg = load_config(None, tiny_overrides(**{"data.follow_up_questions": True, "data.min_frames": 3}))
+    budget, tok = TokenBudget.from_model_config(cfg.model), default_tokenizer()
+    train, held_out = digits_dataset(cfg, "train"), digits_dataset(cfg, "eval")
+    assert train.follow_ups and not held_out.follow_ups
+    table = digits_table(budget, train, tok)
+    build = SequenceBuilder(tok, budget, cfg.model.vit.image_size)
+    samples = [train[i] for i in range(24)]
+    batch = build(samples)
+    assert batch.seq_lengths == table.llm_tokens[:24].tolist()
+    targets = (batch.labels != IGNORE).int().split(batch.seq_lengths)
+    # one answer word + <eos> per question: 2 targets for a count clip, 4 with a follow-up
+    assert [int(t.sum()) for t in targets] == [2 + 2 * len(s["turns"]) for s in samples]
+    assert {len(s["turns"]) for s in samples} == {0, 1}
+    assert all("turns" not in held_out[i] for i in range(8))
+
+
+def test_follow_up_questions_on_your_own_manifest_are_refused_naming_turns():
+    from stts_dist.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="data.follow_up_questions=true .* \"turns\" .* drop data.follow_up_questions"):
+        load_config(None, ["data.source=manifest", "data.path=x.jsonl", "data.follow_up_questions=true"])
