@@ -49,6 +49,9 @@ class ConnectorConfig:
     pool_heads: int = 4
     # ViT layers whose outputs are concatenated (negative = from the end, -1 = last block).
     layers: list[int] = field(default_factory=lambda: [-1])
+    # add a sinusoidal code of each visual token's frame index (within its video) to the token,
+    # so the LLM reads when a kept token was seen (no parameters: any number of frames)
+    frame_time_encoding: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from stts_dist.data.batch import VideoBatch
 from stts_dist.ops.attention import VarlenPlan
+from stts_dist.ops.time_encoding import frame_time_encoding
 from stts_dist.model.connector import Connector
 from stts_dist.model.llm import LlamaLM
 from stts_dist.model.vit import VideoViT
@@ -112,6 +113,9 @@ class VideoVLM(nn.Module):
             layout = FrameLayout([1], [False])
         res = run_vit_with_stts(self.vit, self.scorer, frames, layout, settings, self.connector_layers, generator)
         tokens = self.connector(res.features, self.vit.grid, res.keep)
+        if self.cfg.connector.frame_time_encoding:     # each kept token's frame, within its video
+            frame_index = layout.frame_in_video(tokens.device).repeat_interleave(res.keep.sum(1))
+            tokens = tokens + frame_time_encoding(frame_index, tokens.shape[1]).to(tokens.dtype)
         return tokens, res, dummy
 
     def embed_prompt(self, batch: VideoBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

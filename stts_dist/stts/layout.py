@@ -36,6 +36,13 @@ class FrameLayout:
                 m[s] = True
         return m.to(device)
 
+    def frame_in_video(self, device: torch.device | None = None) -> torch.Tensor:
+        """(F,) each frame's index within its own video (0 for first frames and images)."""
+        idx = torch.arange(self.num_frames)
+        for s, n in zip(self.starts, self.lengths):
+            idx[s:s + n] -= s
+        return idx.to(device)
+
     def prev_frame_index(self, device: torch.device | None = None) -> torch.Tensor:
         """(F,) index of the previous frame of the SAME video, -1 for first frames."""
         idx = torch.arange(self.num_frames) - 1

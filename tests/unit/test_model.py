@@ -96,6 +96,30 @@ def test_frame_separators(tiny_cfg):
     assert torch.isfinite(model(batch).loss)
 
 
+def test_frame_time_encoding_adds_each_tokens_frame_within_its_video(tiny_cfg):
+    """model.connector.frame_time_encoding: every kept token gets the sinusoidal code of its
+    frame's index in its own video (videos of 3 and 2 frames side by side), nothing else changes."""
+    from stts_dist.ops.time_encoding import frame_time_encoding
+    from stts_dist.stts.layout import FrameLayout
+    assert FrameLayout([3, 0, 2], [True, False, True]).frame_in_video().tolist() == [0, 1, 2, 0, 1]
+    code = frame_time_encoding(torch.tensor([0, 1, 5]), 7)
+    assert code.shape == (3, 7) and torch.equal(code[0], torch.tensor([0.0, 0, 0, 1, 1, 1, 0]))
+    assert torch.allclose(code[1, :3], torch.sin(torch.tensor([1.0, 100 ** (-1 / 3), 100 ** (-2 / 3)])))
+    assert code[:, 6].abs().sum() == 0                          # odd width: the last dimension is unused
+    tok, model, builder, samples = _setup(tiny_cfg, frames=(3, 2))
+    batch = builder(samples, 0.5)
+    model.eval()
+    settings = model.prune_settings(batch.budget)
+    with torch.no_grad():
+        plain, res, _ = model.encode_visual(batch.frames, batch.layout, settings)
+        model.cfg.connector.frame_time_encoding = True
+        timed, res2, _ = model.encode_visual(batch.frames, batch.layout, settings)
+    assert torch.equal(res.keep, res2.keep)
+    frame_of_token = torch.tensor([0, 1, 2, 0, 1]).repeat_interleave(res.keep.sum(1))
+    assert torch.allclose(timed - plain, frame_time_encoding(frame_of_token, plain.shape[1]), atol=1e-6)
+    assert torch.isfinite(model(batch).loss)
+
+
 def test_text_only_batch_runs_the_same_modules(tiny_cfg):
     tok, model, builder, _ = _setup(tiny_cfg)
     calls = []
