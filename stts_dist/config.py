@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from stts_dist.balance.planner import METHODS as BALANCE_METHODS
-from stts_dist.data.digits import DIGIT_STYLES, TASKS
+from stts_dist.data.digits import DIGIT_STYLES, FOLLOW_UPS, TASKS
 from stts_dist.stts.budget import METHODS as PRUNE_METHODS
 
 ATTENTION_BACKENDS = ("auto", "bucketed", "padded", "block_diag", "flash_varlen")
@@ -151,9 +151,10 @@ class DataConfig:
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["count", "last", "direction", "corner"])
     digit_style: str = "mnist"    # digits tasks: mnist (handwritten) | printed (a font, quicker to learn)
-    # digits tasks: each training clip is also asked its mirror question (which digit appears
-    # first / moves right / ends bottom right) as a second turn; held-out clips ask one question
-    follow_up_questions: bool = False
+    # digits tasks whose training clips are also asked their mirror question as a second turn
+    # (last: which digit appears first; direction: which moves right; corner: which ends bottom
+    # right); held-out clips are asked one question. Empty: none
+    follow_up_questions: list[str] = field(default_factory=list)
     num_workers: int = 0
 
 
@@ -466,9 +467,13 @@ def _validate_data(d: Any, m: Any) -> None:
         _check(Path(d.eval_path).exists(), f"data.eval_path={d.eval_path} does not exist; point it at a held-out "
                "manifest (.jsonl, like the training one) or a shard folder")
     _check(d.source in DIGITS_SOURCES or not d.follow_up_questions,
-           f"data.follow_up_questions=true asks the generated digits clips a second question; data.source={d.source} "
+           f"data.follow_up_questions asks the generated digits clips a second question; data.source={d.source} "
            "reads your manifest, whose follow-up questions are each entry's \"turns\" (docs/data.md): drop "
            "data.follow_up_questions")
+    no_mirror = [t for t in d.follow_up_questions if t not in FOLLOW_UPS or t not in d.tasks]
+    _check(not no_mirror, f"data.follow_up_questions={list(d.follow_up_questions)}: {no_mirror} "
+           f"{'is' if len(no_mirror) == 1 else 'are'} not among data.tasks={list(d.tasks)} with a follow-up question; "
+           f"choose from {[t for t in FOLLOW_UPS if t in d.tasks]}")
     if d.source in DIGITS_SOURCES:
         unknown = [t for t in d.tasks if t not in TASKS]
         _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "

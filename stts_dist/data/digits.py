@@ -13,7 +13,7 @@ Tasks (answers are single words):
              digit-recognition signal that lets a model trained from scratch learn to read digits
              before it can answer the spatio-temporal questions; not in the default mix)
 
-Follow-up questions (``follow_ups=True``, training only): a clip built for one task holds the
+Follow-up questions (``follow_ups``: the tasks that get one; training only): a clip built for one task holds the
 answer to a second question about the same scene, its mirror -- "last" clips also say which digit
 appears first, "direction" clips which digit moves right, "corner" clips which digit ends in the
 bottom right. They are asked after the clip's own question, as a second turn of the conversation
@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,7 +41,8 @@ QUESTIONS = {
     "shown": "which digit is shown ?",
 }
 # a second question that the clip of each task answers too, its mirror (none for "count" and
-# "shown" clips: listing a count clip's digits measured worse, docs/stts.md row 14)
+# "shown" clips: listing a count clip's digits measured worse, docs/stts.md row 14). Which tasks
+# ask theirs is the run's choice (``data.follow_up_questions``)
 FOLLOW_UPS = {
     "last": "which digit appears first ?",
     "direction": "which digit moves right ?",
@@ -166,7 +167,7 @@ def clip_task(index: int, seed: int, tasks, split: str = "train") -> str:
 
 def make_sample(index: int, seed: int, num_frames: int, image_size: int,
                 tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS, split: str = "train",
-                style: str = "mnist", follow_ups: bool = False) -> dict[str, Any]:
+                style: str = "mnist", follow_ups: Sequence[str] = ()) -> dict[str, Any]:
     """One QA video. ``frames``: uint8 (T, H, W, 3); ``objects``: where every digit is (see
     :func:`stts_dist.object_coverage.object_group_masks`).
 
@@ -175,8 +176,9 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
     "printed" draws the digit in a font with a random size, slant and weight (a different draw
     for every sprite; far quicker for a small ViT to learn to read, see docs/stts.md).
 
-    ``follow_ups``: add ``turns``, the clip's :data:`FOLLOW_UPS` question and its answer (an empty
-    list for tasks without one); the frames and the first question are the same either way."""
+    ``follow_ups``: tasks whose clips also carry ``turns``, the :data:`FOLLOW_UPS` question and its
+    answer (an empty list for the other tasks); the frames and the first question are the same
+    either way."""
     if style not in DIGIT_STYLES:
         raise ValueError(f"digit style {style!r}: choose one of {DIGIT_STYLES}")
     images, _ = load_mnist()
@@ -256,7 +258,7 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
     sample = {"frames": frames, "question": QUESTIONS[task], "answer": answer,
               "id": f"digits-{split}-{seed}-{index}", "task": task, "fps": 2.0, "objects": objects}
     if follow_ups:
-        sample["turns"] = [{"question": FOLLOW_UPS[task], "answer": follow_up}] if follow_up is not None else []
+        sample["turns"] = [{"question": FOLLOW_UPS[task], "answer": follow_up}] if task in follow_ups else []
     return sample
 
 

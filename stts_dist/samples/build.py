@@ -35,7 +35,7 @@ def digits_dataset(cfg: Any, split: str = "train") -> DigitsDataset:
     d = cfg.data
     size = d.train_samples if split == "train" else d.eval_samples
     return DigitsDataset(size, d.seed, d.num_frames, cfg.model.vit.image_size, d.tasks, split, d.min_frames,
-                         d.digit_style, bool(d.follow_up_questions) and split == "train")
+                         d.digit_style, tuple(d.follow_up_questions) if split == "train" else ())
 
 
 def check_clip_lengths(budget: TokenBudget, index: DatasetIndex) -> None:

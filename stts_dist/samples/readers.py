@@ -36,13 +36,13 @@ from stts_dist.data.digits import clip_frames, make_sample
 
 class DigitsDataset(Dataset):
     """The moving-digits QA videos, generated on demand (deterministic in (seed, index, split));
-    ``follow_ups``: each clip also carries its follow-up turn (``make_sample``)."""
+    ``follow_ups``: the tasks whose clips also carry their follow-up turn (``make_sample``)."""
 
     def __init__(self, size: int, seed: int, num_frames: int, image_size: int, tasks: Sequence[str],
-                 split: str = "train", min_frames: int = 0, style: str = "mnist", follow_ups: bool = False):
+                 split: str = "train", min_frames: int = 0, style: str = "mnist", follow_ups: Sequence[str] = ()):
         self.size, self.seed, self.num_frames, self.image_size = size, seed, num_frames, image_size
         self.tasks, self.split, self.min_frames, self.style = list(tasks), split, min_frames, style
-        self.follow_ups = follow_ups
+        self.follow_ups = tuple(follow_ups)
 
     def __len__(self) -> int:
         return self.size

@@ -51,8 +51,8 @@ def _digits_tasks(dataset: DigitsDataset) -> list[str]:
 
 def digits_follow_up_turns(dataset: DigitsDataset) -> np.ndarray:
     """Follow-up turns of every digits sample, shape ``(len(dataset),)``: one for the tasks with a
-    follow-up question when ``dataset.follow_ups``, else none."""
-    return np.asarray([int(dataset.follow_ups and task in FOLLOW_UPS) for task in _digits_tasks(dataset)],
+    follow-up question in ``dataset.follow_ups``, else none."""
+    return np.asarray([int(task in dataset.follow_ups) for task in _digits_tasks(dataset)],
                       dtype=np.int64)
 
 
@@ -65,7 +65,7 @@ def digits_text_tokens(dataset: DigitsDataset, tokenizer: Any) -> np.ndarray:
     for task in dataset.tasks:
         answer = max(len(tokenizer.encode(a)) for a in ANSWERS[task])
         per_task[task] = len(tokenizer.encode(QUESTIONS[task])) + answer
-        if dataset.follow_ups and task in FOLLOW_UPS:    # answered with a digit as well
+        if task in dataset.follow_ups:    # answered with a digit as well
             per_task[task] += len(tokenizer.encode(FOLLOW_UPS[task])) + answer
     return np.asarray([per_task[task] for task in _digits_tasks(dataset)], dtype=np.int64)
 

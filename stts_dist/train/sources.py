@@ -46,7 +46,7 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
     # digits_mp4: the complete user path on generated data
     tasks = "-".join(sorted(d.tasks))
     lengths = f"t{d.min_frames}-{d.num_frames}" if 0 < d.min_frames < d.num_frames else f"t{d.num_frames}"
-    follow_ups = "_followups" if d.follow_up_questions else ""
+    follow_ups = "_followups-" + "-".join(sorted(d.follow_up_questions)) if d.follow_up_questions else ""
     tag = f"n{d.train_samples}_{lengths}_s{cfg.model.vit.image_size}_seed{d.seed}_{d.digit_style}_{tasks}{follow_ups}"
     manifest = work / f"digits_mp4_{tag}" / "manifest.jsonl"
     if not manifest.is_file():
@@ -54,7 +54,7 @@ def prepare_shards(cfg, log: Callable[[str], None] = print) -> Optional[Path]:
             f"{lengths[1:]} frames{', follow-up questions' if follow_ups else ''}) to {manifest.parent}")
         write_synthetic(manifest.parent, d.train_samples, d.num_frames, cfg.model.vit.image_size, d.seed,
                         list(d.tasks), "train",
-                        functools.partial(make_sample, style=d.digit_style, follow_ups=bool(d.follow_up_questions)),
+                        functools.partial(make_sample, style=d.digit_style, follow_ups=tuple(d.follow_up_questions)),
                         min_frames=d.min_frames)
     log(f"[data] sharding {manifest} with Ray (skipped when the shards are current)")
     return ensure_shards(manifest, work / f"digits_shards_{tag}", sharding_overrides(cfg))

@@ -193,12 +193,13 @@ def test_mp4_digits_write_their_follow_up_questions_as_manifest_turns(tmp_path):
     from data_pipeline.synth_digits import write_synthetic
     from stts_dist.data.digits import FOLLOW_UPS, make_sample
     manifest = write_synthetic(tmp_path, 8, frames=4, image_size=32, seed=1,
-                               sample_fn=functools.partial(make_sample, follow_ups=True))
+                               sample_fn=functools.partial(make_sample, follow_ups=("last", "corner")))
     entries = read_manifest(manifest)
     for entry in entries:
-        s = make_sample(int(entry.id.split("-")[-1]), 1, 4, 32, follow_ups=True)
+        s = make_sample(int(entry.id.split("-")[-1]), 1, 4, 32, follow_ups=("last", "corner"))
         assert entry.turns == tuple((t["question"], t["answer"]) for t in s["turns"])
-        assert len(entry.turns) == int(entry.task in FOLLOW_UPS)
+        assert len(entry.turns) == int(entry.task in ("last", "corner"))
+        assert not entry.turns or entry.turns[0][0] == FOLLOW_UPS[entry.task]
     assert any(entry.turns for entry in entries)
     plain = write_synthetic(tmp_path / "plain", 8, frames=4, image_size=32, seed=1)
     assert all(not e.turns for e in read_manifest(plain))

@@ -199,7 +199,7 @@ def test_digits_follow_up_questions_answer_the_same_scene():
     seen = set()
     for i in range(40):
         plain = make_sample(i, 5, 8, 64, style="printed")
-        s = make_sample(i, 5, 8, 64, style="printed", follow_ups=True)
+        s = make_sample(i, 5, 8, 64, style="printed", follow_ups=tuple(FOLLOW_UPS))
         assert np.array_equal(plain["frames"], s["frames"]) and plain["answer"] == s["answer"]
         assert "turns" not in plain and s["question"] == QUESTIONS[s["task"]]
         objects, task = s["objects"], s["task"]
@@ -235,23 +235,26 @@ def test_digits_follow_ups_train_on_both_answers_and_are_budgeted_exactly():
     from stts_dist.samples.build import digits_dataset
     from stts_dist.stts.budget import TokenBudget
     from stts_dist.tokenizer import default_tokenizer
-    cfg = load_config(None, tiny_overrides(**{"data.follow_up_questions": True, "data.min_frames": 3}))
+    cfg = load_config(None, tiny_overrides(**{"data.follow_up_questions": "[direction,corner]", "data.min_frames": 3}))
     budget, tok = TokenBudget.from_model_config(cfg.model), default_tokenizer()
     train, held_out = digits_dataset(cfg, "train"), digits_dataset(cfg, "eval")
-    assert train.follow_ups and not held_out.follow_ups
+    assert train.follow_ups == ("direction", "corner") and held_out.follow_ups == ()
     table = digits_table(budget, train, tok)
     build = SequenceBuilder(tok, budget, cfg.model.vit.image_size)
     samples = [train[i] for i in range(24)]
     batch = build(samples)
     assert batch.seq_lengths == table.llm_tokens[:24].tolist()
     targets = (batch.labels != IGNORE).int().split(batch.seq_lengths)
-    # one answer word + <eos> per question: 2 targets for a count clip, 4 with a follow-up
+    # one answer word + <eos> per question: 2 targets, 4 with a follow-up (direction and corner only)
     assert [int(t.sum()) for t in targets] == [2 + 2 * len(s["turns"]) for s in samples]
+    assert [len(s["turns"]) for s in samples] == [int(s["task"] in ("direction", "corner")) for s in samples]
     assert {len(s["turns"]) for s in samples} == {0, 1}
     assert all("turns" not in held_out[i] for i in range(8))
 
 
 def test_follow_up_questions_on_your_own_manifest_are_refused_naming_turns():
     from stts_dist.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="data.follow_up_questions=true .* \"turns\" .* drop data.follow_up_questions"):
-        load_config(None, ["data.source=manifest", "data.path=x.jsonl", "data.follow_up_questions=true"])
+    with pytest.raises(ConfigError, match="data.follow_up_questions asks .* \"turns\" .* drop data.follow_up_questions"):
+        load_config(None, ["data.source=manifest", "data.path=x.jsonl", "data.follow_up_questions=[corner]"])
+    with pytest.raises(ConfigError, match=r"\['count'\] is not among .* choose from \['last', 'direction', 'corner'\]"):
+        load_config(None, ["data.follow_up_questions=[count,corner]"])
