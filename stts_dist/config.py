@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -341,10 +341,11 @@ def keep_values_literal(node: Any, where: str, prefix: str = "") -> None:
 
 
 def load_structured(schema_cls: type, path: Optional[str | Path] = None,
-                    overrides: Optional[list[str]] = None) -> Any:
+                    overrides: Optional[list[str]] = None, upgrade: Optional[Callable[[Any], None]] = None) -> Any:
     """YAML ``path`` merged onto the structured ``schema_cls``, then dotted ``key=value``
     overrides. Unknown keys and wrong types raise ConfigError naming the key (and the closest
-    valid one). Shared by every typed config of the project (runs, sharding jobs, loaders)."""
+    valid one). ``upgrade`` rewrites the loaded YAML in place first (keys whose type changed).
+    Shared by every typed config of the project (runs, sharding jobs, loaders)."""
     schema = OmegaConf.structured(schema_cls)
     cfg = schema
     if path is not None and str(path):
@@ -355,6 +356,8 @@ def load_structured(schema_cls: type, path: Optional[str | Path] = None,
             loaded = OmegaConf.load(p)
         except Exception as e:  # yaml syntax
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if upgrade is not None:
+            upgrade(loaded)
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
@@ -378,11 +381,20 @@ def load_structured(schema_cls: type, path: Optional[str | Path] = None,
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """A run: ``path`` (YAML under jobs/) onto :class:`RunConfig`, overrides, then :func:`validate`.
     Returns a typed OmegaConf object that behaves like a ``RunConfig``."""
-    cfg = load_structured(RunConfig, path, overrides)
+    cfg = load_structured(RunConfig, path, overrides, upgrade_run_yaml)
     validate(cfg)
     if not cfg.name:
         cfg.name = derived_run_name(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def upgrade_run_yaml(loaded: Any) -> None:
+    """Run files (and checkpoints' ``config.yaml``) written by an older version: a boolean
+    ``data.follow_up_questions`` (true: every task's follow-up) is now the list of tasks."""
+    data = loaded.get("data") if hasattr(loaded, "get") else None
+    if data is not None and isinstance(data.get("follow_up_questions"), bool):
+        tasks = list(data.get("tasks") or DataConfig().tasks)
+        data.follow_up_questions = [t for t in FOLLOW_UPS if t in tasks] if data.follow_up_questions else []
 
 
 def derived_run_name(cfg: Any) -> str:

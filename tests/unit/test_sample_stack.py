@@ -258,3 +258,14 @@ def test_follow_up_questions_on_your_own_manifest_are_refused_naming_turns():
         load_config(None, ["data.source=manifest", "data.path=x.jsonl", "data.follow_up_questions=[corner]"])
     with pytest.raises(ConfigError, match=r"\['count'\] is not among .* choose from \['last', 'direction', 'corner'\]"):
         load_config(None, ["data.follow_up_questions=[count,corner]"])
+
+
+def test_a_run_file_with_the_older_boolean_follow_ups_loads_as_the_list(tmp_path):
+    """Checkpoints written while data.follow_up_questions was a boolean (true: every task's
+    mirror) still open: their config.yaml loads as the list of tasks."""
+    from stts_dist.config import load_config
+    for value, tasks, expected in (("true", None, ["last", "direction", "corner"]),
+                                   ("true", "[count, corner]", ["corner"]), ("false", None, [])):
+        path = tmp_path / "run.yaml"
+        path.write_text(f"data:\n  follow_up_questions: {value}\n" + (f"  tasks: {tasks}\n" if tasks else ""))
+        assert list(load_config(path).data.follow_up_questions) == expected
