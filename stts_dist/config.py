@@ -478,15 +478,11 @@ def _validate_data(d: Any, m: Any) -> None:
                "evaluates on the digits task's own held-out split: drop data.eval_path")
         _check(Path(d.eval_path).exists(), f"data.eval_path={d.eval_path} does not exist; point it at a held-out "
                "manifest (.jsonl, like the training one) or a shard folder")
-    _check(d.source in DIGITS_SOURCES or not d.follow_up_questions,
-           f"data.follow_up_questions asks the generated digits clips a second question; data.source={d.source} "
-           "reads your manifest, whose follow-up questions are each entry's \"turns\" (docs/data.md): drop "
-           "data.follow_up_questions")
-    no_mirror = [t for t in d.follow_up_questions if t not in FOLLOW_UPS or t not in d.tasks]
-    _check(not no_mirror, f"data.follow_up_questions={list(d.follow_up_questions)}: {no_mirror} "
-           f"{'is' if len(no_mirror) == 1 else 'are'} not among data.tasks={list(d.tasks)} with a follow-up question; "
-           f"choose from {[t for t in FOLLOW_UPS if t in d.tasks]}")
-    if d.source in DIGITS_SOURCES:
+    if d.source in DIGITS_SOURCES:     # (a manifest's follow-up questions are its entries' "turns")
+        no_mirror = [t for t in d.follow_up_questions if t not in FOLLOW_UPS or t not in d.tasks]
+        _check(not no_mirror, f"data.follow_up_questions={list(d.follow_up_questions)}: {no_mirror} "
+               f"{'is' if len(no_mirror) == 1 else 'are'} not among data.tasks={list(d.tasks)} with a follow-up "
+               f"question; choose from {[t for t in FOLLOW_UPS if t in d.tasks]}")
         unknown = [t for t in d.tasks if t not in TASKS]
         _check(bool(d.tasks) and not unknown, f"data.tasks={list(d.tasks)}: unknown {unknown or 'empty list'}; "
                f"the moving-digits tasks are {list(TASKS)}")

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as _Pipeline
 from tokenizers import normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from stts_dist.data.digits import vocabulary
+from stts_dist.data.digits import follow_up_vocabulary, vocabulary
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<video>", "<frame>", "<user>", "<assistant>")
 # Names the text splitting; stored with shard plans so token counts made by another splitting never mix.
@@ -104,9 +104,10 @@ class WordTokenizer:
 
 
 def default_tokenizer() -> WordTokenizer:
-    """The tokenizer of the built-in moving-digits task (plus digits/words users commonly need)."""
+    """The tokenizer of the built-in moving-digits task (plus digits/words users commonly need).
+    Words added later (the follow-up questions' ``first``) come last, so earlier ids never move."""
     extra = [str(i) for i in range(10)] + "yes no left right up down top bottom the a is what which how many".split()
-    return WordTokenizer(vocabulary() + extra)
+    return WordTokenizer(vocabulary() + extra + follow_up_vocabulary())
 
 
 def tokenizer_from_json(blob: str) -> "Tokenizer":

@@ -262,10 +262,16 @@ def make_sample(index: int, seed: int, num_frames: int, image_size: int,
     return sample
 
 
+def follow_up_vocabulary() -> list[str]:
+    """The words of the follow-up questions, in order of first use (the tokenizer appends the
+    new ones after its older words, so their ids stay put)."""
+    return list(dict.fromkeys(w for q in FOLLOW_UPS.values() for w in q.split()))
+
+
 def vocabulary() -> list[str]:
     """Every word the task can produce (the word-level tokenizer is built from it)."""
     words: set[str] = set()
-    for q in list(QUESTIONS.values()) + list(FOLLOW_UPS.values()):
+    for q in QUESTIONS.values():
         words.update(q.split())
     for a in ANSWERS.values():
         words.update(a)

@@ -29,7 +29,8 @@ def test_word_tokenizer_learns_the_users_words():
 
 def test_digits_vocabulary_keeps_its_ids():
     tok = default_tokenizer()
-    assert tok.vocab_size == 44 and tok.encode("which digit appears last ?") == [35, 22, 19, 28, 18]
+    assert tok.vocab_size == 45 and tok.encode("which digit appears last ?") == [35, 22, 19, 28, 18]
+    assert tok.encode("which digit appears first ?") == [35, 22, 19, 44, 18]     # a word added later comes last
 
 
 def _shapes(tmp_path, train=480, test=90):

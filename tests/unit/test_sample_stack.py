@@ -252,10 +252,12 @@ def test_digits_follow_ups_train_on_both_answers_and_are_budgeted_exactly():
     assert all("turns" not in held_out[i] for i in range(8))
 
 
-def test_follow_up_questions_on_your_own_manifest_are_refused_naming_turns():
+def test_follow_up_questions_name_the_tasks_that_have_one():
+    """Only digits tasks with a mirror question (and in data.tasks) can be named; the main job's
+    file still serves a user's manifest (data.source=manifest), whose follow-ups are its turns."""
     from stts_dist.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="data.follow_up_questions asks .* \"turns\" .* drop data.follow_up_questions"):
-        load_config(None, ["data.source=manifest", "data.path=x.jsonl", "data.follow_up_questions=[corner]"])
+    cfg = load_config("jobs/default.yaml", ["data.source=manifest", "data.path=x.jsonl"])
+    assert list(cfg.data.follow_up_questions) == ["direction", "corner"]      # unused: no digits clips
     with pytest.raises(ConfigError, match=r"\['count'\] is not among .* choose from \['last', 'direction', 'corner'\]"):
         load_config(None, ["data.follow_up_questions=[count,corner]"])
 
