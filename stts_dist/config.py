@@ -391,8 +391,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def upgrade_run_yaml(loaded: Any) -> None:
     """Run files (and checkpoints' ``config.yaml``) written by an older version: a boolean
     ``data.follow_up_questions`` (true: every task's follow-up) is now the list of tasks."""
-    data = loaded.get("data") if hasattr(loaded, "get") else None
-    if data is not None and isinstance(data.get("follow_up_questions"), bool):
+    data = loaded.get("data") if OmegaConf.is_dict(loaded) else None
+    if OmegaConf.is_dict(data) and isinstance(data.get("follow_up_questions"), bool):
         tasks = list(data.get("tasks") or DataConfig().tasks)
         data.follow_up_questions = [t for t in FOLLOW_UPS if t in tasks] if data.follow_up_questions else []
 

@@ -139,13 +139,15 @@ def test_overfits_a_tiny_batch_with_pruning(tiny_cfg, method):
     samples = [make_sample(i, 0, 4, 32) for i in range(6)]
     batch = builder(samples, 0.5, method=method)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for step in range(300):        # memorised within 300 steps (100-200 typically, by init)
         gen = torch.Generator().manual_seed(0)
         out = model(batch, generator=gen)
+        if float(out.lm_loss) < 0.05:
+            break
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    assert float(out.lm_loss) < 0.05
+    assert float(out.lm_loss) < 0.05, f"lm_loss {float(out.lm_loss):.3f} after {step + 1} steps"
     gen = torch.Generator().manual_seed(0)
     outs, info = generate(model, builder(samples, 0.5, with_answer=False, method=method), tok.eos_id, generator=gen)
     assert [tok.decode(o) for o in outs] == [s["answer"] for s in samples]
