@@ -49,28 +49,24 @@ def _digits_tasks(dataset: DigitsDataset) -> list[str]:
     return [clip_task(i, dataset.seed, dataset.tasks, dataset.split) for i in range(len(dataset))]
 
 
-def digits_follow_up_turns(dataset: DigitsDataset) -> np.ndarray:
-    """Follow-up turns of every digits sample, shape ``(len(dataset),)``: one for the tasks with a
-    follow-up question in ``dataset.follow_ups``, else none."""
-    return np.asarray([int(task in dataset.follow_ups) for task in _digits_tasks(dataset)],
-                      dtype=np.int64)
-
-
-def digits_text_tokens(dataset: DigitsDataset, tokenizer: Any) -> np.ndarray:
+def digits_text_tokens(dataset: DigitsDataset, tokenizer: Any, tasks: Optional[list[str]] = None) -> np.ndarray:
     """Question + answer tokens of every digits sample, follow-up turn included, shape
     ``(len(dataset),)``, without rendering a frame: each task has a fixed question (and follow-up
-    question) and one-word answers. The balanced split checks every collated batch against these
-    counts."""
+    question) and one-word answers. ``tasks``: every sample's task when the caller has them. The
+    balanced split checks every collated batch against these counts."""
     per_task = {}
     for task in dataset.tasks:
         answer = max(len(tokenizer.encode(a)) for a in ANSWERS[task])
         per_task[task] = len(tokenizer.encode(QUESTIONS[task])) + answer
         if task in dataset.follow_ups:    # answered with a digit as well
             per_task[task] += len(tokenizer.encode(FOLLOW_UPS[task])) + answer
-    return np.asarray([per_task[task] for task in _digits_tasks(dataset)], dtype=np.int64)
+    return np.asarray([per_task[task] for task in tasks or _digits_tasks(dataset)], dtype=np.int64)
 
 
 def digits_table(budget: TokenBudget, dataset: DigitsDataset, tokenizer: Any) -> SampleTable:
-    """:func:`sample_table` of the in-memory digits (frame counts from ``clip_frames``)."""
+    """:func:`sample_table` of the in-memory digits (frame counts from ``clip_frames``; one
+    follow-up turn for the samples whose task is in ``dataset.follow_ups``)."""
     frames = np.fromiter((dataset.frames_for(i) for i in range(len(dataset))), np.int64, len(dataset))
-    return sample_table(budget, frames, digits_text_tokens(dataset, tokenizer), digits_follow_up_turns(dataset))
+    tasks = _digits_tasks(dataset)
+    turns = np.fromiter((task in dataset.follow_ups for task in tasks), np.int64, len(tasks))
+    return sample_table(budget, frames, digits_text_tokens(dataset, tokenizer, tasks), turns)
