@@ -52,6 +52,9 @@ class ConnectorConfig:
     # add a sinusoidal code of each visual token's frame index (within its video) to the token,
     # so the LLM reads when a kept token was seen (no parameters: any number of frames)
     frame_time_encoding: bool = False
+    # add a 2-D sinusoidal code of each visual token's group row and column in its frame, so the
+    # LLM reads where a kept token sits however many of its frame's tokens were pruned
+    group_position_encoding: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from stts_dist.data.batch import VideoBatch
 from stts_dist.ops.attention import VarlenPlan
+from stts_dist.ops.position_encoding import group_position_encoding
 from stts_dist.ops.time_encoding import frame_time_encoding
 from stts_dist.model.connector import Connector
 from stts_dist.model.llm import LlamaLM
@@ -116,6 +117,10 @@ class VideoVLM(nn.Module):
         if self.cfg.connector.frame_time_encoding:     # each kept token's frame, within its video
             frame_index = layout.frame_in_video(tokens.device).repeat_interleave(res.keep.sum(1))
             tokens = tokens + frame_time_encoding(frame_index, tokens.shape[1]).to(tokens.dtype)
+        if self.cfg.connector.group_position_encoding:     # each kept token's row and column in its frame
+            group_index = res.keep.nonzero()[:, 1]
+            code = group_position_encoding(group_index, -(-self.vit.grid // self.cfg.connector.pool_size), tokens.shape[1])
+            tokens = tokens + code.to(tokens.dtype)
         return tokens, res, dummy
 
     def embed_prompt(self, batch: VideoBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -120,6 +120,33 @@ def test_frame_time_encoding_adds_each_tokens_frame_within_its_video(tiny_cfg):
     assert torch.isfinite(model(batch).loss)
 
 
+def test_group_position_encoding_adds_each_kept_tokens_row_and_column(tiny_cfg):
+    """model.connector.group_position_encoding: every kept token gets the 2-D sinusoidal code of
+    its group's row (first half) and column (second half) in its frame, pruned or not."""
+    from stts_dist.ops.position_encoding import group_position_encoding
+    from stts_dist.ops.time_encoding import frame_time_encoding
+    code = group_position_encoding(torch.tensor([0, 5, 7]), 3, 8)        # (row, col) = (0,0), (1,2), (2,1)
+    assert code.shape == (3, 8) and torch.equal(code[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    assert torch.equal(code[1], torch.cat([frame_time_encoding(torch.tensor([1]), 4),
+                                           frame_time_encoding(torch.tensor([2]), 4)], dim=1)[0])
+    assert torch.allclose(code[2, :2], torch.sin(torch.tensor([2.0, 2 * 100 ** -0.5])))
+    tok, model, builder, samples = _setup(tiny_cfg, frames=(3, 2))
+    batch = builder(samples, 0.5)
+    model.eval()
+    settings = model.prune_settings(batch.budget)
+    with torch.no_grad():
+        plain, res, _ = model.encode_visual(batch.frames, batch.layout, settings)
+        model.cfg.connector.group_position_encoding = True
+        placed, res2, _ = model.encode_visual(batch.frames, batch.layout, settings)
+    assert torch.equal(res.keep, res2.keep) and not bool(res.keep.all())    # pruned frames included
+    groups_per_row = -(-model.vit.grid // model.cfg.connector.pool_size)
+    assert res.keep.shape[1] == groups_per_row ** 2
+    group_of_token = res.keep.nonzero()[:, 1]
+    assert torch.allclose(placed - plain, group_position_encoding(group_of_token, groups_per_row, plain.shape[1]),
+                          atol=1e-6)
+    assert torch.isfinite(model(batch).loss)
+
+
 def test_text_only_batch_runs_the_same_modules(tiny_cfg):
     tok, model, builder, _ = _setup(tiny_cfg)
     calls = []
