@@ -41,6 +41,12 @@ class ViTConfig:
     in_channels: int = 3
     layer_norm_eps: float = 1e-6
     gelu: str = "tanh"            # tanh (SigLIP) | exact (DINOv2)
+    # how a ViT trained here starts its (learned) position embedding: "normal" (std 0.02, the
+    # SigLIP/ViT recipe) or "sincos" (2-D sin-cos of the patch row and column at the scale of a
+    # patch embedding, MAE's recipe). Imported weights replace it either way. A small ViT whose
+    # pre-training objective does not need positions keeps 0.02 and its tokens cannot say where
+    # they are (docs/stts.md row 18)
+    pos_embed_init: str = "normal"
 
 
 @dataclass
@@ -454,6 +460,11 @@ def _validate_model(m: Any) -> None:
            f"model.vit.image_size={m.vit.image_size} must be divisible by model.vit.patch_size={m.vit.patch_size}")
     _check(m.vit.gelu in ("tanh", "exact"), f"model.vit.gelu='{m.vit.gelu}' must be tanh or exact")
     _check(m.vit.width % m.vit.heads == 0, f"model.vit.width={m.vit.width} must be divisible by model.vit.heads={m.vit.heads}")
+    _check(m.vit.pos_embed_init in ("normal", "sincos"),
+           f"model.vit.pos_embed_init='{m.vit.pos_embed_init}' must be normal or sincos")
+    _check(m.vit.pos_embed_init != "sincos" or m.vit.width % 4 == 0,
+           f"model.vit.pos_embed_init=sincos needs model.vit.width divisible by 4 (a sine and a cosine for the row "
+           f"and for the column), got {m.vit.width}; use pos_embed_init=normal or a width like {m.vit.width // 4 * 4 + 4}")
     _check(m.llm.hidden % m.llm.heads == 0, f"model.llm.hidden={m.llm.hidden} must be divisible by model.llm.heads={m.llm.heads}")
     _check(m.llm.heads % m.llm.kv_heads == 0, f"model.llm.heads={m.llm.heads} must be divisible by model.llm.kv_heads={m.llm.kv_heads}")
     _check((m.llm.hidden // m.llm.heads) % 2 == 0, "model.llm head dim (hidden/heads) must be even for RoPE")

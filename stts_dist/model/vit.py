@@ -68,13 +68,36 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# sin/cos values have an RMS of 1/sqrt(2); scaled by 0.25 (RMS 0.18) they sit at the per-dimension
+# spread of a patch embedding at init (std 0.27 on digits frames): position and content both count
+SINCOS_SCALE = 0.25
+
+
+def sincos_2d_position_embedding(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) fixed 2-D sin-cos code of each patch's (row, column), row-major (MAE's
+    ``get_2d_sincos_pos_embed``): the first half of the dimensions codes the row, the second the
+    column, each half sines then cosines over wavelengths 2*pi .. 2*pi*10000."""
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def code(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    return torch.cat([code(rows), code(cols)], dim=1)
+
+
 class VideoViT(nn.Module):
     """Frames ``(F, 3, H, W)`` float in [-1, 1] -> patch tokens ``(F, N, D)`` via ``forward``;
     the blocks are run by the caller (see ``stts_dist.model.pruned_vit``) so pruning can happen
     between them."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_dim: int, in_channels: int = 3, eps: float = 1e-6, gelu: str = "tanh"):
+                 mlp_dim: int, in_channels: int = 3, eps: float = 1e-6, gelu: str = "tanh",
+                 pos_embed_init: str = "normal"):
         super().__init__()
         self.patch_size = patch_size
         self.grid = image_size // patch_size
@@ -82,7 +105,13 @@ class VideoViT(nn.Module):
         self.width = width
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if pos_embed_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_2d_position_embedding(self.grid, width)[None] * SINCOS_SCALE)
+        elif pos_embed_init == "normal":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            raise ValueError(f"model.vit.pos_embed_init={pos_embed_init!r}: choose 'normal' or 'sincos'")
         approximate = {"tanh": "tanh", "exact": "none"}[gelu]
         self.blocks = nn.ModuleList(ViTBlock(width, heads, mlp_dim, eps, approximate) for _ in range(depth))
 

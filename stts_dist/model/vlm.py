@@ -68,7 +68,8 @@ class VideoVLM(nn.Module):
         super().__init__()
         v, c, l, s = cfg.vit, cfg.connector, cfg.llm, cfg.stts
         self.cfg = cfg
-        self.vit = VideoViT(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_dim, v.in_channels, v.layer_norm_eps, v.gelu)
+        self.vit = VideoViT(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_dim, v.in_channels, v.layer_norm_eps, v.gelu,
+                           v.pos_embed_init)
         self.scorer = TokenScorer(v.width, s.scorer_hidden, s.scorer_heads, c.pool_size, s.scorer_init_std,
                                   s.scorer_pool_dim)
         self.connector_layers = [i % v.depth for i in c.layers]

@@ -26,7 +26,10 @@ MARKER = "pretrain_report.json"   # written last: its presence means the folder 
 
 def stage0_folder(cfg) -> Path:
     p, d = cfg.model.pretrained, cfg.data
-    spec = {"vit": OmegaConf.to_container(cfg.model.vit, resolve=True),
+    vit = OmegaConf.to_container(cfg.model.vit, resolve=True)
+    if vit.get("pos_embed_init") == "normal":
+        del vit["pos_embed_init"]     # the original init: folders cached before this key keep their name
+    spec = {"vit": vit,
             "steps": p.digits_vit_steps, "batch_size": p.digits_vit_batch_size, "lr": p.digits_vit_lr,
             "seed": cfg.train.seed, "style": d.digit_style}
     if (p.digits_vit_objective, p.digits_vit_max_digits) != ("frame", 1):

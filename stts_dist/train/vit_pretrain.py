@@ -157,7 +157,8 @@ def pretrain(vit_cfg: Any, steps: int, batch_size: int, lr: float, seed: int, ev
                          "(use objective 'dense' for frames of several digits)")
     torch.manual_seed(seed)
     vit = VideoViT(vit_cfg.image_size, vit_cfg.patch_size, vit_cfg.width, vit_cfg.depth, vit_cfg.heads,
-                   vit_cfg.mlp_dim, vit_cfg.in_channels, vit_cfg.layer_norm_eps, vit_cfg.gelu)
+                   vit_cfg.mlp_dim, vit_cfg.in_channels, vit_cfg.layer_norm_eps, vit_cfg.gelu,
+                   vit_cfg.pos_embed_init)
     for m in vit.modules():   # the VLM's init (stts_dist.model.vlm): 1/sqrt(fan_in) linears
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=m.in_features ** -0.5)

@@ -33,6 +33,7 @@ def test_wrong_type_names_key():
     ("model.vit.image_size=60", "divisible by model.vit.patch_size"),
     ("model.stts.prune_at=5", "prune_at"),
     ("data.tasks=[count,colour]", "unknown \\['colour'\\]; the moving-digits tasks are"),
+    ("model.vit.pos_embed_init=learned", "pos_embed_init='learned' must be normal or sincos"),
 ])
 def test_semantic_errors(ov, match):
     with pytest.raises(ConfigError, match=match):

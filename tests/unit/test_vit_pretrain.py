@@ -164,9 +164,35 @@ def test_stage0_is_trained_once_cached_by_its_settings_and_loaded_by_the_run(tmp
                                                  "model.pretrained.digits_vit_batch_size": 4,
                                                  "model.pretrained.digits_vit_objective": "dense"}))
     assert stage0_folder(dense) not in (folder, stage0_folder(other))
+    placed = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path), "data.digit_style": "printed",
+                                                  "model.pretrained.digits_vit_steps": 3,
+                                                  "model.pretrained.digits_vit_batch_size": 4,
+                                                  "model.vit.pos_embed_init": "sincos"}))
+    assert stage0_folder(placed) not in (folder, stage0_folder(other), stage0_folder(dense))
     with pytest.raises(TimeoutError, match="did not finish"):
         ensure_digits_vit(other, is_rank0=False, timeout_s=0.5)
     # off by default; an explicit vit_path wins
     off = load_config(None, tiny_overrides(**{"data.work_dir": str(tmp_path)}))
     ensure_digits_vit(off, is_rank0=True)
     assert off.model.pretrained.vit_path == ""
+
+
+def test_sincos_position_init_codes_row_and_column_at_patch_scale():
+    """model.vit.pos_embed_init=sincos: MAE's 2-D sin-cos code, first half the row, second half the
+    column, scaled by SINCOS_SCALE; "normal" keeps std 0.02; anything else is refused."""
+    import math
+    from stts_dist.model.vit import SINCOS_SCALE, VideoViT, sincos_2d_position_embedding
+    code = sincos_2d_position_embedding(3, 8)                 # quarter = 2: omega = 1, 1/100
+    assert code.shape == (9, 8)
+    row1_col2 = code[1 * 3 + 2]
+    expect = [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
+              math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)]
+    assert torch.allclose(row1_col2, torch.tensor(expect), atol=1e-6)
+    torch.manual_seed(0)
+    vit = VideoViT(24, 8, 8, 1, 2, 16, pos_embed_init="sincos")
+    assert torch.equal(vit.pos_embed[0], code * SINCOS_SCALE) and vit.pos_embed.requires_grad
+    assert abs(float(VideoViT(64, 8, 128, 1, 4, 64).pos_embed.std()) - 0.02) < 0.003
+    with pytest.raises(ValueError, match="pos_embed_init='learned'"):
+        VideoViT(24, 8, 8, 1, 2, 16, pos_embed_init="learned")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        VideoViT(24, 8, 6, 1, 2, 16, pos_embed_init="sincos")
