@@ -15,6 +15,10 @@
    digit), fitted on 2/3 of the clips and scored on the rest, next to the majority class. A token
    that cannot say where it is or which digit it shows cannot be bound to a position by the LLM.
 
+3. ``--stage0 <folder>`` instead: the same row and digit probes on a stage-0 ViT folder
+   (``data/vit_digits_<key>``), block by block (each 2x2 group's mean patch feature), to see where
+   in the ViT position and digit identity are lost.
+
 docs/stts.md rows 18-20 use it.
 """
 from __future__ import annotations
@@ -121,13 +125,59 @@ def linear_probe(X: torch.Tensor, y: torch.Tensor, train: torch.Tensor) -> dict:
     return {"acc": round(acc, 3), "majority": round(majority, 3), "n_test": int(te.sum())}
 
 
+def stage0_layer_probes(folder: str, clips: int, digit_style: str = "printed") -> dict:
+    """Row and digit probes on each block's output of a stage-0 ViT (the default model's geometry:
+    64 px frames, 8 px patches, 2x2 groups)."""
+    from stts_dist.model.vit import VideoViT
+    from stts_dist.ops.groups import group_patches
+    from stts_dist.weights.hf_vit import load_hf_vit
+    report = json.loads((Path(folder) / "config.json").read_text())
+    vision = report.get("vision_config", report)
+    vit = VideoViT(vision["image_size"], vision["patch_size"], vision["hidden_size"], vision["num_hidden_layers"],
+                   vision["num_attention_heads"], vision["intermediate_size"]).eval()     # every weight is loaded
+    load_hf_vit(vit, folder)
+    size, grid = vit.grid * vit.patch_size, vit.grid
+    per_block: list[list[torch.Tensor]] = [[] for _ in range(len(vit.blocks) + 1)]
+    digit = []
+    for i in range(clips):
+        s = make_sample(i, 0, FRAMES, size, ["count", "last", "direction", "corner"], "eval", digit_style)
+        x = torch.from_numpy(s["frames"]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        with torch.no_grad():
+            h = vit(x)
+            outs = [h]
+            for block in vit.blocks:
+                h = block(h)
+                outs.append(h)
+        for k, o in enumerate(outs):
+            groups, _ = group_patches(o, grid, 2)
+            per_block[k].append(groups.mean(2).reshape(-1, o.shape[-1]))
+        masks = object_group_masks(s["objects"], FRAMES, size, vit.patch_size, 2)
+        label = np.full(masks.shape[1:], -1)
+        one = masks.sum(0) == 1
+        label[one] = s["objects"]["classes"][masks.argmax(0)[one]]
+        digit.append(label.reshape(-1))
+    y = torch.from_numpy(np.concatenate(digit)).long()
+    G = per_block[0][0].shape[0] // FRAMES
+    index = torch.arange(len(y))
+    train = index // (G * FRAMES) < clips * 2 // 3
+    row = (index % G) // int(round(G ** 0.5))
+    return {"stage0": folder, **{("embed" if k == 0 else f"block{k}"): {"row": linear_probe(torch.cat(f), row, train)["acc"],
+                                                                      "digit": linear_probe(torch.cat(f), y, train)["acc"]}
+                                 for k, f in enumerate(per_block)}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run folder or checkpoint the trainer wrote")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a run folder or checkpoint the trainer wrote")
+    which.add_argument("--stage0", help="a stage-0 ViT folder (data/vit_digits_<key>): block-by-block probes")
     p.add_argument("--clips", type=int, default=200, help="held-out clips per task for the picking test")
     p.add_argument("--probe-clips", type=int, default=240, help="held-out clips for the linear probes")
     p.add_argument("--batch-size", type=int, default=20)
     args = p.parse_args(argv)
+    if args.stage0:
+        print(json.dumps(stage0_layer_probes(args.stage0, args.probe_clips // 2)), flush=True)
+        return 0
     cfg, tok, model, _ = open_trained_model(args.checkpoint)
     torch.manual_seed(0)
     own = (model.budget.method, model.budget.prune_ratio)
