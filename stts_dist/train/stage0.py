@@ -1,7 +1,8 @@
 """Stage 0 as part of a run: the digit-reading ViT pre-training, cached like the generated clips.
 
 Real STTS models start from a pre-trained vision tower; the embedded digits job gets the same
-start from :mod:`stts_dist.train.vit_pretrain` (one digit per frame, softmax over ten classes).
+start from :mod:`stts_dist.train.vit_pretrain` (``digits_vit_objective``: "frame", one digit per
+frame named by a pooled head, or "dense", the digit under every patch named, the digits jobs' choice).
 With ``model.pretrained.digits_vit_steps > 0`` and no ``vit_path``, a run trains that ViT once
 into ``<data.work_dir>/vit_digits_<key>/`` (``key`` hashes everything that changes the weights:
 the ViT geometry, steps, batch, LR, seed and digit style), and every later run with the same
