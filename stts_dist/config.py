@@ -400,10 +400,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def upgrade_run_yaml(loaded: Any) -> None:
     """Run files (and checkpoints' ``config.yaml``) written by an older version: a boolean
     ``data.follow_up_questions`` (true: every task's follow-up) is now the list of tasks."""
-    data = loaded.get("data") if OmegaConf.is_dict(loaded) else None
-    if OmegaConf.is_dict(data) and isinstance(data.get("follow_up_questions"), bool):
-        tasks = list(data.get("tasks") or DataConfig().tasks)
-        data.follow_up_questions = [t for t in FOLLOW_UPS if t in tasks] if data.follow_up_questions else []
+    if not OmegaConf.is_dict(loaded):
+        return
+    # read unresolved: an interpolation here is for load_structured to report as a ConfigError
+    data = OmegaConf.to_container(loaded, resolve=False).get("data")
+    if isinstance(data, dict) and isinstance(data.get("follow_up_questions"), bool):
+        tasks = data.get("tasks") if isinstance(data.get("tasks"), list) and data.get("tasks") else DataConfig().tasks
+        loaded.data.follow_up_questions = [t for t in FOLLOW_UPS if t in tasks] if data["follow_up_questions"] else []
 
 
 def derived_run_name(cfg: Any) -> str:

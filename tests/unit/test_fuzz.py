@@ -242,6 +242,8 @@ def _load(path, overrides):
 @FUZZ
 @given(flat=st.dictionaries(config_keys, config_values, max_size=6))
 @example(flat={"name": "${nope}"})
+@example(flat={"data.follow_up_questions": "${nope}"})     # read by the old-format upgrade before validation
+@example(flat={"data": "${nope}"})
 @example(flat={"name": "???"})
 @example(flat={"data.tasks": ["count", "${oc.env:HOME}", "\\${x}"]})
 @example(flat={"train.steps": "${oc.env:HOME}"})
