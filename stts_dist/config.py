@@ -409,6 +409,19 @@ def upgrade_run_yaml(loaded: Any) -> None:
         loaded.data.follow_up_questions = [t for t in FOLLOW_UPS if t in tasks] if data["follow_up_questions"] else []
 
 
+def model_config_changes(saved_yaml: str | Path, cfg: Any, limit: int = 5) -> list[str]:
+    """``model.*`` keys whose value in the run file a checkpoint was saved with (``saved_yaml``,
+    read unresolved) differs from ``cfg``'s, as ``"key: saved -> now"`` (at most ``limit``): a run
+    resumed into the same ``train.out_dir`` continues the saved model whatever the new file says."""
+    def flat(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+        return {prefix: node}
+    saved_model = OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=False).get("model") or {}
+    saved, now = flat(saved_model, "model"), flat(OmegaConf.to_container(cfg.model, resolve=True), "model")
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]][:limit]
+
+
 def derived_run_name(cfg: Any) -> str:
     """``<data>-<method>``: e.g. ``digits-stts50``, ``shapes-train-unpruned``, ``clips-random80``.
     The data part is ``digits`` for the built-in task, else the manifest's or shard folder's name

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from stts_dist.config import DIGITS_SOURCES, config_hash, to_yaml
+from stts_dist.config import DIGITS_SOURCES, config_hash, model_config_changes, to_yaml
 from stts_dist.data.batch import SequenceBuilder
 from stts_dist.device import resolve_device
 from stts_dist.evaluation import evaluate
@@ -253,6 +253,11 @@ class Trainer:
             return False
         path, manifest = found
         ckpt.check_layout(manifest, self._world())
+        changed = model_config_changes(path / "config.yaml", self.cfg) if (path / "config.yaml").is_file() else []
+        if changed:
+            self.log(f"[resume] warning: {path} holds a model trained with other model settings ({'; '.join(changed)}); "
+                     f"this run continues that model. To train the new settings from scratch, give it another "
+                     f"train.out_dir")
         state = self.module.load_from(path)
         self.source.load_state_dict(state["source"])
         self.step = int(state["step"])

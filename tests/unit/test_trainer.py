@@ -94,6 +94,23 @@ def test_eval_history_is_the_learning_curve_and_survives_resume(tmp_path):
     assert set(history[2]) == set(final)
 
 
+def test_resume_into_a_folder_trained_with_other_model_settings_says_so(tmp_path, capsys):
+    """Same train.out_dir, same model: silent resume. Other model settings: the run still resumes
+    (nothing written is lost) and says which keys differ and how to start the new model instead."""
+    Trainer(_cfg(tmp_path, **{"train.steps": 2, "train.eval_prune_ratios": "[]"})).fit()
+    capsys.readouterr()
+    same = Trainer(_cfg(tmp_path, **{"train.steps": 3, "train.eval_prune_ratios": "[]"}))
+    same.fit()
+    assert same.history[0]["step"] == 3 and "other model settings" not in capsys.readouterr().out
+    other = Trainer(_cfg(tmp_path, **{"train.steps": 4, "train.eval_prune_ratios": "[]",
+                                      "model.connector.frame_time_encoding": True, "model.stts.aux_loss_weight": 0.25}))
+    other.fit()
+    out = capsys.readouterr().out
+    assert other.history[0]["step"] == 4
+    assert ("other model settings (model.connector.frame_time_encoding: False -> True; "
+            "model.stts.aux_loss_weight: 0.5 -> 0.25)") in out and "another train.out_dir" in out
+
+
 @pytest.mark.slow
 def test_full_user_path_mp4_ray_shards_loader(tmp_path):
     """digits mp4 -> Ray sharding -> WebDataset loader -> training, and exact resume through it."""
