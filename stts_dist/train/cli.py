@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     try:
         results = trainer.fit()
         if trainer.is_rank0 and results:
-            _print_summary(results, len(trainer.eval_set))
+            _print_summary(results, len(trainer.eval_set), trained_method=trainer.cfg.model.stts.method)
         return 0
     except Preempted as e:
         print(f"[train] {e}; checkpoint written, resume by starting the same command again", flush=True)
@@ -38,9 +38,11 @@ def main(argv=None) -> int:
         trainer.close()
 
 
-def _print_summary(results: dict, n: int) -> None:
+def _print_summary(results: dict, n: int, trained_method: str = "none") -> None:
     """The final evaluation as a table: accuracy overall and per task, visual tokens, and -- where
-    the data annotates its objects (digits) -- the share of the objects' groups each setting kept."""
+    the data annotates its objects (digits) -- the share of the objects' groups each setting kept.
+    ``trained_method``: the run's ``model.stts.method`` (a pruned model's ``none@0`` row is not an
+    unpruned baseline, and the table says so)."""
     rows = sorted({k.split("/")[1] for k in results if k.startswith("eval/") and k.endswith("/acc")})
     tasks = sorted({k.split("/")[-1] for k in results if k.startswith("eval/") and "/acc/" in k})
     print(f"\n=== eval on {n} held-out clips: exact-match accuracy (standard error of the overall figure) ===")
@@ -61,6 +63,9 @@ def _print_summary(results: dict, n: int) -> None:
     if objects:
         print("obj recall: share of the groups of frames >= 1 holding part of a digit that the setting kept "
               "(stts-eval shows precision and coverage too)")
+    if "none@0" in rows and trained_method != "none":
+        print("none@0: this same model given every visual token, which it did not train on; the unpruned "
+              "baseline is a model trained with model.stts.method=none")
     if "eval/unknown_word_share" in results:
         print(f"held-out words outside the training vocabulary: {100 * results['eval/unknown_word_share']:.1f}%")
     print(json.dumps({k: round(v, 4) for k, v in results.items() if k.endswith('/acc') or k.endswith('/obj_recall')}))

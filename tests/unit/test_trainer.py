@@ -152,3 +152,15 @@ def test_console_level_while_every_step_goes_to_the_run_log(tmp_path, capsys, le
     assert [r["step"] for r in logged] == [1, 2, 3, 4] and all("loss" in r and "lr" in r for r in logged)
     # the final evaluation's accuracy-vs-tokens figure, for the run folder and MLflow
     assert (tmp_path / "run" / "eval" / "accuracy_vs_tokens_step_00000004.png").stat().st_size > 5_000
+
+
+def test_final_table_says_a_pruned_models_none_row_is_not_the_unpruned_baseline(capsys):
+    from stts_dist.train.cli import _print_summary
+    results = {"eval/none@0/acc": 0.4, "eval/none@0/llm_visual_tokens": 104.6,
+               "eval/scorer@0.5/acc": 0.5, "eval/scorer@0.5/llm_visual_tokens": 52.3}
+    _print_summary(results, 1000, trained_method="scorer")
+    out = capsys.readouterr().out
+    assert "none@0           0.400 ±0.015" in out and "scorer@0.5       0.500 ±0.016" in out
+    assert "none@0: this same model given every visual token, which it did not train on" in out
+    _print_summary(results, 1000, trained_method="none")
+    assert "did not train on" not in capsys.readouterr().out
