@@ -405,7 +405,8 @@ def upgrade_run_yaml(loaded: Any) -> None:
     # read unresolved: an interpolation here is for load_structured to report as a ConfigError
     data = OmegaConf.to_container(loaded, resolve=False).get("data")
     if isinstance(data, dict) and isinstance(data.get("follow_up_questions"), bool):
-        tasks = data.get("tasks") if isinstance(data.get("tasks"), list) and data.get("tasks") else DataConfig().tasks
+        tasks = data.get("tasks")
+        tasks = tasks if isinstance(tasks, list) and tasks else DataConfig().tasks
         loaded.data.follow_up_questions = [t for t in FOLLOW_UPS if t in tasks] if data["follow_up_questions"] else []
 
 

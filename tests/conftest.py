@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.parent.name in SLOW_DIRS:
             item.add_marker(pytest.mark.slow)
+
+
+def load_tool(name: str):
+    """A script under tools/ imported as a module (tools/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_overrides(**extra):

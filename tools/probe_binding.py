@@ -130,11 +130,11 @@ def stage0_layer_probes(folder: str, clips: int, digit_style: str = "printed") -
     64 px frames, 8 px patches, 2x2 groups)."""
     from stts_dist.model.vit import VideoViT
     from stts_dist.ops.groups import group_patches
-    from stts_dist.weights.hf_vit import load_hf_vit
-    report = json.loads((Path(folder) / "config.json").read_text())
-    vision = report.get("vision_config", report)
-    vit = VideoViT(vision["image_size"], vision["patch_size"], vision["hidden_size"], vision["num_hidden_layers"],
-                   vision["num_attention_heads"], vision["intermediate_size"]).eval()     # every weight is loaded
+    from stts_dist.weights.folder import SafetensorsFolder
+    from stts_dist.weights.hf_vit import load_hf_vit, vit_config_from_hf
+    f = vit_config_from_hf(SafetensorsFolder(folder).config, folder)
+    vit = VideoViT(f["image_size"], f["patch_size"], f["width"], f["depth"], f["heads"], f["mlp_dim"],
+                   f["in_channels"], f["layer_norm_eps"], "exact" if f["gelu"] == "none" else "tanh").eval()
     load_hf_vit(vit, folder)
     size, grid = vit.grid * vit.patch_size, vit.grid
     per_block: list[list[torch.Tensor]] = [[] for _ in range(len(vit.blocks) + 1)]

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stts_dist.ops.attention import VarlenPlan, dense_attention, varlen_attention
+from stts_dist.ops.position_encoding import group_position_encoding
 
 
 class ViTAttention(nn.Module):
@@ -79,15 +80,7 @@ def sincos_2d_position_embedding(grid: int, width: int) -> torch.Tensor:
     column, each half sines then cosines over wavelengths 2*pi .. 2*pi*10000."""
     if width % 4:
         raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {width}")
-    quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    coords = torch.arange(grid, dtype=torch.float32)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-
-    def code(pos: torch.Tensor) -> torch.Tensor:
-        angle = pos.reshape(-1, 1) * omega[None]
-        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
-    return torch.cat([code(rows), code(cols)], dim=1)
+    return group_position_encoding(torch.arange(grid * grid), grid, width, base=10000.0)
 
 
 class VideoViT(nn.Module):

@@ -25,7 +25,7 @@ from stts_dist.ops.time_encoding import frame_time_encoding
 from stts_dist.model.connector import Connector
 from stts_dist.model.llm import LlamaLM
 from stts_dist.model.vit import VideoViT
-from stts_dist.stts.budget import TokenBudget
+from stts_dist.stts.budget import TokenBudget, group_grid
 from stts_dist.stts.layout import FrameLayout
 from stts_dist.model.pruned_vit import PruneSettings, ViTResult, run_vit_with_stts
 from stts_dist.stts.scorer import TokenScorer
@@ -119,8 +119,8 @@ class VideoVLM(nn.Module):
             frame_index = layout.frame_in_video(tokens.device).repeat_interleave(res.keep.sum(1))
             tokens = tokens + frame_time_encoding(frame_index, tokens.shape[1]).to(tokens.dtype)
         if self.cfg.connector.group_position_encoding:     # each kept token's row and column in its frame
-            group_index = res.keep.nonzero()[:, 1]
-            code = group_position_encoding(group_index, -(-self.vit.grid // self.cfg.connector.pool_size), tokens.shape[1])
+            groups_per_row = group_grid(self.vit.grid, self.vit.grid, self.cfg.connector.pool_size)[1]
+            code = group_position_encoding(res.keep.nonzero()[:, 1], groups_per_row, tokens.shape[1])
             tokens = tokens + code.to(tokens.dtype)
         return tokens, res, dummy
 

@@ -12,12 +12,12 @@ import torch
 BASE = 100.0    # wavelengths from 2*pi to 2*pi*BASE frames: every pair of dimensions varies over a clip
 
 
-def frame_time_encoding(frame_index: torch.Tensor, dim: int) -> torch.Tensor:
+def frame_time_encoding(frame_index: torch.Tensor, dim: int, base: float = BASE) -> torch.Tensor:
     """frame_index: (K,) integer frame index of each token within its video. Returns (K, dim)
-    float32: ``sin(t / BASE^(2i/dim))`` in the first half of the dimensions, ``cos`` in the second
+    float32: ``sin(t / base^(2i/dim))`` in the first half of the dimensions, ``cos`` in the second
     (``dim`` odd: the last dimension is zero)."""
     half = dim // 2
-    freq = BASE ** (-torch.arange(half, dtype=torch.float32, device=frame_index.device) / max(half, 1))
+    freq = base ** (-torch.arange(half, dtype=torch.float32, device=frame_index.device) / max(half, 1))
     angle = frame_index.to(torch.float32)[:, None] * freq[None, :]
     code = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
     if code.shape[1] < dim:

@@ -23,6 +23,7 @@ from stts_dist.host_allocator import keep_freed_blocks
 from stts_dist.heldout import describe_unknown_words, training_eval_set, unknown_word_report
 from stts_dist.model.vlm import VideoVLM
 from stts_dist import checkpoint as ckpt
+from stts_dist.checkpoint_io import CONFIG_FILE
 from stts_dist.train.loop_callbacks import InjectedFault, loop_callbacks  # noqa: F401  (InjectedFault: callers catch it here)
 from stts_dist.samples import training_stack
 from stts_dist.train.sources import prepare_shards, resolve_balancing
@@ -235,7 +236,7 @@ class Trainer:
         def write(tmp: Path) -> None:
             self.module.save_into(tmp, trainer_state)
             if self.is_rank0:
-                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                (tmp / CONFIG_FILE).write_text(to_yaml(self.cfg))
                 (tmp / "tokenizer.json").write_text(self.tokenizer.to_json())
 
         self._saved_step = self.step
@@ -253,7 +254,8 @@ class Trainer:
             return False
         path, manifest = found
         ckpt.check_layout(manifest, self._world())
-        changed = model_config_changes(path / "config.yaml", self.cfg) if (path / "config.yaml").is_file() else []
+        saved_config = path / CONFIG_FILE
+        changed = model_config_changes(saved_config, self.cfg) if saved_config.is_file() else []
         if changed:
             self.log(f"[resume] warning: {path} holds a model trained with other model settings ({'; '.join(changed)}); "
                      f"this run continues that model. To train the new settings from scratch, give it another "

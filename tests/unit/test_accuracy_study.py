@@ -1,18 +1,13 @@
 """tools/accuracy_study.py's summary: the issue-7 targets are computed from stts-eval's rows."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import load_tool
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("accuracy_study", ROOT / "tools" / "accuracy_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("accuracy_study")
 
 
 def _row(setting, method, ratio, kind, acc, tokens, speedup=1.0):

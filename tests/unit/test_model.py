@@ -96,6 +96,21 @@ def test_frame_separators(tiny_cfg):
     assert torch.isfinite(model(batch).loss)
 
 
+def _encode_with_and_without(tiny_cfg, connector_option: str):
+    """Videos of 3 and 2 frames at 50% pruned, encoded with ``model.connector.<connector_option>``
+    off then on -> (model, batch, tokens off, tokens on, ViTResult); the same groups are kept."""
+    tok, model, builder, samples = _setup(tiny_cfg, frames=(3, 2))
+    batch = builder(samples, 0.5)
+    model.eval()
+    settings = model.prune_settings(batch.budget)
+    with torch.no_grad():
+        plain, res, _ = model.encode_visual(batch.frames, batch.layout, settings)
+        setattr(model.cfg.connector, connector_option, True)
+        coded, res_on, _ = model.encode_visual(batch.frames, batch.layout, settings)
+    assert torch.equal(res.keep, res_on.keep)
+    return model, batch, plain, coded, res
+
+
 def test_frame_time_encoding_adds_each_tokens_frame_within_its_video(tiny_cfg):
     """model.connector.frame_time_encoding: every kept token gets the sinusoidal code of its
     frame's index in its own video (videos of 3 and 2 frames side by side), nothing else changes."""
@@ -106,15 +121,7 @@ def test_frame_time_encoding_adds_each_tokens_frame_within_its_video(tiny_cfg):
     assert code.shape == (3, 7) and torch.equal(code[0], torch.tensor([0.0, 0, 0, 1, 1, 1, 0]))
     assert torch.allclose(code[1, :3], torch.sin(torch.tensor([1.0, 100 ** (-1 / 3), 100 ** (-2 / 3)])))
     assert code[:, 6].abs().sum() == 0                          # odd width: the last dimension is unused
-    tok, model, builder, samples = _setup(tiny_cfg, frames=(3, 2))
-    batch = builder(samples, 0.5)
-    model.eval()
-    settings = model.prune_settings(batch.budget)
-    with torch.no_grad():
-        plain, res, _ = model.encode_visual(batch.frames, batch.layout, settings)
-        model.cfg.connector.frame_time_encoding = True
-        timed, res2, _ = model.encode_visual(batch.frames, batch.layout, settings)
-    assert torch.equal(res.keep, res2.keep)
+    model, batch, plain, timed, res = _encode_with_and_without(tiny_cfg, "frame_time_encoding")
     frame_of_token = torch.tensor([0, 1, 2, 0, 1]).repeat_interleave(res.keep.sum(1))
     assert torch.allclose(timed - plain, frame_time_encoding(frame_of_token, plain.shape[1]), atol=1e-6)
     assert torch.isfinite(model(batch).loss)
@@ -130,15 +137,8 @@ def test_group_position_encoding_adds_each_kept_tokens_row_and_column(tiny_cfg):
     assert torch.equal(code[1], torch.cat([frame_time_encoding(torch.tensor([1]), 4),
                                            frame_time_encoding(torch.tensor([2]), 4)], dim=1)[0])
     assert torch.allclose(code[2, :2], torch.sin(torch.tensor([2.0, 2 * 100 ** -0.5])))
-    tok, model, builder, samples = _setup(tiny_cfg, frames=(3, 2))
-    batch = builder(samples, 0.5)
-    model.eval()
-    settings = model.prune_settings(batch.budget)
-    with torch.no_grad():
-        plain, res, _ = model.encode_visual(batch.frames, batch.layout, settings)
-        model.cfg.connector.group_position_encoding = True
-        placed, res2, _ = model.encode_visual(batch.frames, batch.layout, settings)
-    assert torch.equal(res.keep, res2.keep) and not bool(res.keep.all())    # pruned frames included
+    model, batch, plain, placed, res = _encode_with_and_without(tiny_cfg, "group_position_encoding")
+    assert not bool(res.keep.all())                                         # pruned frames included
     groups_per_row = -(-model.vit.grid // model.cfg.connector.pool_size)
     assert res.keep.shape[1] == groups_per_row ** 2
     group_of_token = res.keep.nonzero()[:, 1]

@@ -1,17 +1,10 @@
 """tools/probe_binding.py: the linear probes score what a feature really says, on known features."""
-import importlib.util
-from pathlib import Path
-
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("probe_binding", ROOT / "tools" / "probe_binding.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("probe_binding")
 
 
 def test_linear_probe_reads_a_linear_label_and_not_noise():
