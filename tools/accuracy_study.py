@@ -3,6 +3,12 @@
 
     .venv/bin/python tools/accuracy_study.py [--config jobs/study_digits.yaml] [--out runs/study]
                                              [--steps 1500] [--eval-samples 1000] [--skip-train]
+                                             [--ratios 0.3,0.5,0.7,0.8] [--train-only stts50,stts80]
+
+On 2 cores two one-thread lanes finish sooner than one two-thread run (this tiny model's step time
+is per-op overhead): ``OMP_NUM_THREADS=1 ... --train-only stts50,stts80,stts50_seed1 &`` beside
+``OMP_NUM_THREADS=1 ... --train-only unpruned,unpruned_seed1``, then the plain command evaluates
+and summarises (finished trainings are skipped).
 
 Stages (each skipped when its output exists, and every training resumes from its last
 checkpoint, so an interrupted study continues where it stopped):
@@ -97,11 +103,11 @@ def stage_eval(args, py: str, out: Path) -> None:
         ckpt = out / name / "checkpoints" / f"step_{args.steps:08d}"
         target = out / name / "eval"
         if not (target / "results.json").is_file():
-            run([py, "-m", "stts_dist.eval", "--checkpoint", str(ckpt), "--ratios", RATIOS, "--methods", METHODS,
+            run([py, "-m", "stts_dist.eval", "--checkpoint", str(ckpt), "--ratios", args.ratios, "--methods", METHODS,
                  "--tts-factor", "2", "--out", str(target), *common], out / f"{name}.eval.log")
         target = out / name / "eval_adaptive"
         if not (target / "results.json").is_file():
-            run([py, "-m", "stts_dist.eval", "--checkpoint", str(ckpt), "--ratios", RATIOS,
+            run([py, "-m", "stts_dist.eval", "--checkpoint", str(ckpt), "--ratios", args.ratios,
                  "--methods", "scorer,temporal_diff", "--tts-factor", "0", "--adaptive", "1", "--out", str(target),
                  *common], out / f"{name}.eval.log")
 
@@ -139,7 +145,8 @@ def summarize(out: Path, steps: int) -> dict:
         "eval_samples": ev["unpruned"]["none@0"]["n"],
         # prefill time does not depend on the weights: the first evaluation (the unpruned model's,
         # nothing else running yet on a shared machine) gives each method's speed-up per ratio
-        "prefill_speedup": {m: {f"{r:g}": ev["unpruned"][f"{m}@{r:g}"]["speedup"] for r in (0.3, 0.5, 0.7, 0.8)}
+        "prefill_speedup": {m: {f"{row['prune_ratio']:g}": row["speedup"] for row in ev["unpruned"].values()
+                                if row["method"] == m and row["kind"] == "sweep"}
                             for m in ("scorer", "random", "uniform", "temporal_diff")},
     }
     n = res["eval_samples"]
@@ -214,9 +221,17 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=300, help="held-out evaluation interval (the learning curve)")
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--skip-train", action="store_true", help="only evaluate and summarise existing runs")
+    p.add_argument("--ratios", default=RATIOS, help="pruning ratios of the sweeps (the targets are at 0.5 and 0.8)")
+    p.add_argument("--train-only", default="",
+                   help="comma-separated models to train (in this order), then stop: one lane of a study split "
+                        f"over processes; models: {', '.join(TRAIN_ORDER)}")
     p.add_argument("--curves", action="store_true",
                    help="only print each trained model's learning curve and convergence (JSON), e.g. mid-study")
     args = p.parse_args(argv)
+    lane = [n.strip() for n in args.train_only.split(",") if n.strip()]
+    unknown = [n for n in lane if n not in TRAIN_ORDER]
+    if unknown:
+        p.error(f"--train-only {args.train_only}: unknown {unknown}; the models are {', '.join(TRAIN_ORDER)}")
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.curves:
@@ -233,6 +248,9 @@ def main(argv=None) -> int:
     py = sys.executable
     os.environ.setdefault("MALLOC_MMAP_MAX_", "0")   # see ../shared/docs/perf-notes.md
     t0 = time.perf_counter()
+    if lane:
+        stage_train(args, py, out, lane)
+        return 0
     if not args.skip_train:        # the three models, their sweeps, then the second seed of the pair
         stage_train(args, py, out, [n for n in TRAIN_ORDER if n in MODELS])
     stage_eval(args, py, out)

@@ -16,16 +16,16 @@ def _row(setting, method, ratio, kind, acc, tokens, speedup=1.0):
             "speedup": speedup}
 
 
-def _write(out: Path, model: str, accs: dict, adaptive: dict):
+def _write(out: Path, model: str, accs: dict, adaptive: dict, ratios=(0.3, 0.5, 0.7, 0.8)):
     rows = [_row("none@0", "none", 0.0, "baseline", accs["none@0"], 128)]
     for m in ("scorer", "random", "uniform", "temporal_diff"):
-        for r in (0.3, 0.5, 0.7, 0.8):
+        for r in ratios:
             rows.append(_row(f"{m}@{r:g}", m, r, "sweep", accs.get(f"{m}@{r:g}", 0.5), 128 - int(128 * r),
                              speedup=1 / (1 - r / 2)))
         rows.append(_row(f"{m}@0.5 tts 16f", m, 0.5, "tts", accs.get(f"{m} tts", 0.5), 128))
     ad = [_row("none@0", "none", 0.0, "baseline", accs["none@0"], 128)]
     for m in ("scorer", "temporal_diff"):
-        for r in (0.3, 0.5, 0.7, 0.8):
+        for r in ratios:
             ad.append(_row(f"{m}@{r:g}", m, r, "sweep", accs.get(f"{m}@{r:g}", 0.5), 128 - int(128 * r)))
             ad.append(_row(f"{m}@{r:g} adaptive", m, r, "adaptive", adaptive.get(f"{m}@{r:g}", 0.5), 128 - int(128 * r)))
     for sub, data in (("eval", rows), ("eval_adaptive", ad)):
@@ -69,3 +69,28 @@ def test_summary_checks_the_targets_from_the_rows(tmp_path):
     assert table[0].startswith("| model | setting |") and len(table) == 2 + 3 * (21 + 8) + 3 + 5
     assert (tmp_path / "accuracy_study.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text())["targets"] == res["targets"]
+
+
+@pytest.mark.slow
+def test_a_sweep_of_the_two_target_ratios_is_summarised(tmp_path):
+    """``--ratios 0.5,0.8``: the targets and the prefill speed-ups come from the ratios swept."""
+    study = _study()
+    two = (0.5, 0.8)
+    _write(tmp_path, "unpruned", {"none@0": 0.70, "random@0.8": 0.60, "uniform@0.8": 0.58}, {}, two)
+    _write(tmp_path, "stts50", {"none@0": 0.69, "scorer@0.5": 0.71, "scorer tts": 0.72}, {"scorer@0.5": 0.70}, two)
+    _write(tmp_path, "stts80", {"none@0": 0.6, "scorer@0.8": 0.66, "random@0.8": 0.63, "uniform@0.8": 0.62},
+           {"scorer@0.8": 0.65}, two)
+    res = study.summarize(tmp_path, 300)
+    assert abs(res["stts50_minus_unpruned"] - 1.0) < 1e-9
+    assert abs(res["stts80_minus_random"] - 3.0) < 1e-9 and abs(res["stts80_minus_uniform"] - 4.0) < 1e-9
+    assert res["targets"]["stts80_beats_random_uniform_by_2pt"]
+    assert sorted(res["prefill_speedup"]["random"]) == ["0.5", "0.8"]
+    assert abs(res["prefill_speedup"]["uniform"]["0.8"] - 1 / 0.6) < 1e-9
+    assert not res["all_converged"]                  # no learning curves written
+
+
+def test_train_only_names_an_unknown_model(capsys):
+    study = _study()
+    with pytest.raises(SystemExit):
+        study.main(["--train-only", "stts50,sts80", "--out", "runs/_never_written"])
+    assert "unknown ['sts80']" in capsys.readouterr().err
