@@ -414,12 +414,8 @@ def model_config_changes(saved_yaml: str | Path, cfg: Any, limit: int = 5) -> li
     """``model.*`` keys whose value in the run file a checkpoint was saved with (``saved_yaml``,
     read unresolved) differs from ``cfg``'s, as ``"key: saved -> now"`` (at most ``limit``): a run
     resumed into the same ``train.out_dir`` continues the saved model whatever the new file says."""
-    def flat(node: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
-        return {prefix: node}
-    saved_model = OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=False).get("model") or {}
-    saved, now = flat(saved_model, "model"), flat(OmegaConf.to_container(cfg.model, resolve=True), "model")
+    saved = {k: v for k, v in flatten(OmegaConf.load(saved_yaml)).items() if k.startswith("model.")}
+    now = {k: v for k, v in flatten(cfg, resolve=True).items() if k.startswith("model.")}
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]][:limit]
 
 
@@ -596,8 +592,9 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def flatten(cfg: Any) -> dict[str, Any]:
-    """``{"model.vit.width": 128, ...}`` for experiment trackers."""
+def flatten(cfg: Any, resolve: bool = False) -> dict[str, Any]:
+    """``{"model.vit.width": 128, ...}`` for experiment trackers (``resolve``: interpolations
+    replaced by their values)."""
     out: dict[str, Any] = {}
 
     def rec(node: Any, prefix: str) -> None:
@@ -607,5 +604,5 @@ def flatten(cfg: Any) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node
 
-    rec(OmegaConf.to_container(cfg, resolve=False), "")
+    rec(OmegaConf.to_container(cfg, resolve=resolve), "")
     return out
