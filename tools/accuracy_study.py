@@ -17,7 +17,10 @@ checkpoint, so an interrupted study continues where it stopped):
     pruned, same steps and data order -> ``OUT/{unpruned,stts50,stts80}``; then the headline pair
     again with a second seed (``train.seed=1``: other init and data order) -> ``OUT/*_seed1``.
     Each run evaluates its own setting on the held-out clips every ``train.eval_every`` steps
-    (``OUT/<model>/eval_history.jsonl``): the learning curve that says whether it converged;
+    (``OUT/<model>/eval_history.jsonl``): the learning curve that says whether it converged.
+    A variant is trained only when ``--train-only`` names it: ``stts50_dense_vit`` (STTS 50% with
+    every ViT block on every patch, pruning before the LLM only) splits what STTS loses between
+    the ViT and the LLM; the summary compares its last evaluation with unpruned;
  2. ``stts-eval`` every seed-0 model on the same held-out clips: every method at ratios 0.3-0.8,
     test-time scaling at 2x frames with the unpruned 1x token budget, and adaptive per-video
     budgets next to the fixed ratio -> ``OUT/<model>/eval*/results.json``;
@@ -38,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from stts_dist.config import load_config  # noqa: E402
 from stts_dist.train.trainer import read_eval_history  # noqa: E402
 MODELS = {  # name -> training overrides; everything else comes from the study config
     "unpruned": ["model.stts.method=none", "train.eval_prune_ratios=[0.0]"],
@@ -45,10 +49,16 @@ MODELS = {  # name -> training overrides; everything else comes from the study c
     "stts80": ["model.stts.method=scorer", "model.stts.prune_ratio=0.8", "train.eval_prune_ratios=[0.8]"],
 }
 SEED1 = {f"{name}_seed1": MODELS[name] + ["train.seed=1"] for name in ("unpruned", "stts50")}
+# optional variants (trained only when named in --train-only; compared by their learning curve):
+# "stts50_dense_vit" scores and biases as STTS 50% does but after the ViT's second-to-last block,
+# so every ViT block runs on every patch and only the LLM reads half the tokens. Next to stts50
+# and unpruned it splits the accuracy STTS loses into the part lost inside the ViT and the part
+# lost in the LLM (docs/stts.md rows 27-28)
+VARIANTS = {"stts50_dense_vit": MODELS["stts50"] + ["model.stts.prune_at={depth_minus_2}"]}
 OWN_SETTING = {"unpruned": "none@0", "stts50": "scorer@0.5", "stts80": "scorer@0.8",
-               "unpruned_seed1": "none@0", "stts50_seed1": "scorer@0.5"}
+               "unpruned_seed1": "none@0", "stts50_seed1": "scorer@0.5", "stts50_dense_vit": "scorer@0.5"}
 # the headline models first: a partial study already says the most
-TRAIN_ORDER = ("stts50", "unpruned", "stts80", "stts50_seed1", "unpruned_seed1")
+TRAIN_ORDER = ("stts50", "unpruned", "stts80", "stts50_seed1", "unpruned_seed1", *VARIANTS)
 CONVERGED_WITHIN_POINTS = 1.0
 CONVERGED_SPAN = 0.2          # the two evaluations compared are at least 20% of the training apart
 RATIOS = "0.3,0.5,0.7,0.8"
@@ -70,8 +80,15 @@ def finished(run_dir: Path, steps: int) -> bool:
     return (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()
 
 
+def training_overrides(config: str) -> dict[str, list[str]]:
+    """Every trainable model's overrides of the study config (variants filled in from its ViT)."""
+    depth = load_config(ROOT / config).model.vit.depth
+    variants = {name: [o.format(depth_minus_2=depth - 2) for o in ov] for name, ov in VARIANTS.items()}
+    return {**MODELS, **SEED1, **variants}
+
+
 def stage_train(args, py: str, out: Path, names) -> None:
-    overrides = {**MODELS, **SEED1}
+    overrides = training_overrides(args.config)
     for name in names:
         if finished(out / name, args.steps):
             continue
@@ -153,12 +170,18 @@ def summarize(out: Path, steps: int) -> dict:
     res["standard_error_points"] = {k: standard_error(res[k], n) for k in ("unpruned_acc", "stts50_acc", "stts80_acc")}
     # a difference of two accuracies on the same clips: at most sqrt(2) x one standard error
     res["difference_standard_error_points"] = 2 ** 0.5 * standard_error(res["unpruned_acc"], n)
-    res["convergence"] = {name: convergence(out, name, steps) for name in TRAIN_ORDER}
+    res["convergence"] = {name: convergence(out, name, steps) for name in TRAIN_ORDER
+                          if name not in VARIANTS or (out / name).is_dir()}
     res["all_converged"] = all(c["converged"] for c in res["convergence"].values())
     seed1 = res["convergence"]
     if seed1["stts50_seed1"].get("final") is not None and seed1["unpruned_seed1"].get("final") is not None:
         res["stts50_minus_unpruned_seed1"] = seed1["stts50_seed1"]["final"] - seed1["unpruned_seed1"]["final"]
         res["stts50_minus_unpruned_mean_of_seeds"] = (res["stts50_minus_unpruned"] + res["stts50_minus_unpruned_seed1"]) / 2
+    for name in VARIANTS:               # a variant's own setting at its last evaluation, vs unpruned
+        final = res["convergence"].get(name, {}).get("final")
+        if final is not None:
+            res[f"{name}_acc"] = final
+            res[f"{name}_minus_unpruned"] = final - unpruned
     res["targets"] = {
         "stts50_within_0.7pt": res["stts50_minus_unpruned"] >= -0.7,
         "stts80_beats_random_uniform_by_2pt": min(res["stts80_minus_random"], res["stts80_minus_uniform"]) >= 2.0,

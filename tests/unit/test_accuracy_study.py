@@ -42,7 +42,8 @@ def test_summary_checks_the_targets_from_the_rows(tmp_path):
     _write(tmp_path, "stts80", {"none@0": 0.78, "scorer@0.8": 0.75, "random@0.8": 0.74, "uniform@0.8": 0.70},
            {"scorer@0.8": 0.77})
     curves = {"stts50": [0.60, 0.78, 0.795], "unpruned": [0.62, 0.79, 0.80], "stts80": [0.5, 0.70, 0.75],
-              "stts50_seed1": [0.6, 0.79, 0.785], "unpruned_seed1": [0.6, 0.80, 0.805]}
+              "stts50_seed1": [0.6, 0.79, 0.785], "unpruned_seed1": [0.6, 0.80, 0.805],
+              "stts50_dense_vit": [0.61, 0.775, 0.77]}
     for name, accs in curves.items():                 # learning curves at steps 100, 200, 300
         (tmp_path / name).mkdir(exist_ok=True)
         setting = study.OWN_SETTING[name]
@@ -65,8 +66,10 @@ def test_summary_checks_the_targets_from_the_rows(tmp_path):
     assert not res["all_converged"]
     assert abs(res["stts50_minus_unpruned_seed1"] - (-2.0)) < 1e-9           # 78.5 vs 80.5
     assert abs(res["stts50_minus_unpruned_mean_of_seeds"] - (-1.25)) < 1e-9
+    # the variant is compared by its own last evaluation: 77.0 vs unpruned 80.0, converged (-0.5)
+    assert abs(res["stts50_dense_vit_minus_unpruned"] - (-3.0)) < 1e-9 and conv["stts50_dense_vit"]["converged"]
     table = (tmp_path / "summary.md").read_text().splitlines()
-    assert table[0].startswith("| model | setting |") and len(table) == 2 + 3 * (21 + 8) + 3 + 5
+    assert table[0].startswith("| model | setting |") and len(table) == 2 + 3 * (21 + 8) + 3 + 6
     assert (tmp_path / "accuracy_study.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "summary.json").read_text())["targets"] == res["targets"]
 
@@ -87,6 +90,15 @@ def test_a_sweep_of_the_two_target_ratios_is_summarised(tmp_path):
     assert sorted(res["prefill_speedup"]["random"]) == ["0.5", "0.8"]
     assert abs(res["prefill_speedup"]["uniform"]["0.8"] - 1 / 0.6) < 1e-9
     assert not res["all_converged"]                  # no learning curves written
+
+
+def test_the_dense_vit_variant_prunes_after_the_second_to_last_block():
+    """The variant's prune point comes from the study config's ViT (depth 6 -> prune_at=4: blocks
+    0-5 see every patch), the reference models keep the config's prune point."""
+    overrides = _study().training_overrides("jobs/study_digits.yaml")
+    assert overrides["stts50_dense_vit"] == overrides["stts50"] + ["model.stts.prune_at=4"]
+    assert not any("prune_at" in o for o in overrides["stts50"] + overrides["stts80"] + overrides["unpruned"])
+    assert overrides["stts50_seed1"] == overrides["stts50"] + ["train.seed=1"]
 
 
 def test_train_only_names_an_unknown_model(capsys):
