@@ -2,7 +2,7 @@
 """The accuracy study (issues 7 and 13) on the moving-digits QA task, end to end, resumable.
 
     .venv/bin/python tools/accuracy_study.py [--config jobs/study_digits.yaml] [--out runs/study]
-                                             [--steps 1500] [--eval-samples 1000] [--skip-train]
+                                             [--steps 3000] [--eval-samples 1000] [--skip-train]
                                              [--ratios 0.3,0.5,0.7,0.8] [--train-only stts50,stts80]
 
 On 2 cores two one-thread lanes finish sooner than one two-thread run (this tiny model's step time
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="jobs/study_digits.yaml")
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--steps", type=int, default=1500, help="QA training steps of every model")
-    p.add_argument("--eval-every", type=int, default=300, help="held-out evaluation interval (the learning curve)")
+    p.add_argument("--steps", type=int, default=3000, help="QA training steps of every model")
+    p.add_argument("--eval-every", type=int, default=600, help="held-out evaluation interval (the learning curve)")
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--skip-train", action="store_true", help="only evaluate and summarise existing runs")
     p.add_argument("--ratios", default=RATIOS, help="pruning ratios of the sweeps (the targets are at 0.5 and 0.8)")
