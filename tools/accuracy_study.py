@@ -80,15 +80,16 @@ def finished(run_dir: Path, steps: int) -> bool:
     return (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()
 
 
-def training_overrides(config: str) -> dict[str, list[str]]:
-    """Every trainable model's overrides of the study config (variants filled in from its ViT)."""
-    depth = load_config(ROOT / config).model.vit.depth
+def training_overrides(cfg) -> dict[str, list[str]]:
+    """Every trainable model's overrides of the study config ``cfg`` (variants filled in from its
+    ViT)."""
+    depth = cfg.model.vit.depth
     variants = {name: [o.format(depth_minus_2=depth - 2) for o in ov] for name, ov in VARIANTS.items()}
     return {**MODELS, **SEED1, **variants}
 
 
 def stage_train(args, py: str, out: Path, names) -> None:
-    overrides = training_overrides(args.config)
+    overrides = training_overrides(args.study_config)
     for name in names:
         if finished(out / name, args.steps):
             continue
@@ -240,8 +241,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="jobs/study_digits.yaml")
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--steps", type=int, default=3000, help="QA training steps of every model")
-    p.add_argument("--eval-every", type=int, default=600, help="held-out evaluation interval (the learning curve)")
+    p.add_argument("--steps", type=int, default=None, help="QA training steps of every model (default: the config's)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out evaluation interval, the learning curve (default: the config's)")
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--skip-train", action="store_true", help="only evaluate and summarise existing runs")
     p.add_argument("--ratios", default=RATIOS, help="pruning ratios of the sweeps (the targets are at 0.5 and 0.8)")
@@ -251,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--curves", action="store_true",
                    help="only print each trained model's learning curve and convergence (JSON), e.g. mid-study")
     args = p.parse_args(argv)
+    args.study_config = load_config(ROOT / args.config)
+    args.steps = args.steps or args.study_config.train.steps
+    args.eval_every = args.eval_every or args.study_config.train.eval_every
     lane = [n.strip() for n in args.train_only.split(",") if n.strip()]
     unknown = [n for n in lane if n not in TRAIN_ORDER]
     if unknown:

@@ -95,7 +95,8 @@ def test_a_sweep_of_the_two_target_ratios_is_summarised(tmp_path):
 def test_the_dense_vit_variant_prunes_after_the_second_to_last_block():
     """The variant's prune point comes from the study config's ViT (depth 6 -> prune_at=4: blocks
     0-5 see every patch), the reference models keep the config's prune point."""
-    overrides = _study().training_overrides("jobs/study_digits.yaml")
+    study = _study()
+    overrides = study.training_overrides(study.load_config(study.ROOT / "jobs/study_digits.yaml"))
     assert overrides["stts50_dense_vit"] == overrides["stts50"] + ["model.stts.prune_at=4"]
     assert not any("prune_at" in o for o in overrides["stts50"] + overrides["stts80"] + overrides["unpruned"])
     assert overrides["stts50_seed1"] == overrides["stts50"] + ["train.seed=1"]
